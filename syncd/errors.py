@@ -1,0 +1,76 @@
+"""syncd's exceptions, grouped by what the caller should do about them.
+
+- `RetryableError`: this one request may succeed if sent again (after a pause).
+- `TenantError`: this tenant's run cannot go on; other tenants are unaffected.
+- `DatabaseError`: the database cannot be used right now; try the run again later.
+- `ConfigError` / `SchemaBehindError`: the process must stop until an operator acts.
+
+Lower-level errors (aiohttp, asyncpg, OSError) are translated at the boundary where they
+happen, with `raise ... from exc`, so the cause chain stays visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class SyncdError(Exception):
+    """Root of every error syncd raises on purpose."""
+
+
+class ConfigError(SyncdError):
+    """The configuration is unusable: stop, and tell the operator every problem at once."""
+
+    def __init__(self, problems: Sequence[str], path: Path | None = None) -> None:
+        self.problems = tuple(problems)
+        self.path = path
+        where = f"{path}: " if path is not None else ""
+        lines = "\n".join(f"  {problem}" for problem in self.problems)
+        super().__init__(f"{where}invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class SchemaBehindError(SyncdError):
+    """The database schema is not at the revision this syncd needs: run `syncd migrate`."""
+
+
+class DatabaseError(SyncdError):
+    """The database is unreachable or failed a statement; the run may be tried again later."""
+
+
+class RetryableError(SyncdError):
+    """A request failed in a way that is worth retrying (throttling, server error, network)."""
+
+    def __init__(self, message: str, *, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class TenantError(SyncdError):
+    """This tenant's run cannot go on (bad credentials, forbidden, bad answer); others go on."""
+
+
+class AuthError(TenantError):
+    """The tenant's credentials were refused or cannot be used."""
+
+
+class ApiError(TenantError):
+    """VSPC answered with an error that retrying will not fix."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def cause_chain(exc: BaseException) -> list[str]:
+    """The messages of `exc` and of every exception that caused it, outermost first."""
+    messages: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current) or type(current).__name__
+        messages.append(text if isinstance(current, SyncdError) else f"{type(current).__name__}: {text}")
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return messages

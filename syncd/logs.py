@@ -1,0 +1,115 @@
+"""Structured logging: JSON lines for machines, key=value text for people.
+
+Every module logs through `structlog.get_logger(__name__)` and binds context (`tenant`,
+`run_id`, `request_id`) with `structlog.contextvars`, so each line of a run carries them.
+Records from other libraries (aiohttp, APScheduler, alembic) go through the same renderer.
+Known secret values are scrubbed from every line as a last line of defence: the code never
+logs secrets on purpose, and this catches the accident.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, Literal, TextIO
+
+import structlog
+
+LogFormat = Literal["json", "text", "auto"]
+
+_REDACTED = "[redacted]"
+
+
+class SecretScrubber:
+    """A structlog processor that replaces known secret values wherever they appear."""
+
+    def __init__(self) -> None:
+        self._secrets: tuple[str, ...] = ()
+
+    def register(self, secrets: Iterable[str]) -> None:
+        """Adds secret values to scrub (values shorter than 4 characters are ignored)."""
+        known = set(self._secrets)
+        known.update(secret for secret in secrets if len(secret) >= 4)
+        # Longest first, so a secret containing another is replaced whole.
+        self._secrets = tuple(sorted(known, key=len, reverse=True))
+
+    def scrub(self, text: str) -> str:
+        """`text` with every known secret replaced."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, _REDACTED)
+        return text
+
+    def __call__(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if not self._secrets:
+            return event_dict
+        for key, value in event_dict.items():
+            if isinstance(value, str):
+                event_dict[key] = self.scrub(value)
+            elif value is not None and not isinstance(value, int | float | bool):
+                text = str(value)
+                scrubbed = self.scrub(text)
+                if scrubbed != text:
+                    event_dict[key] = scrubbed
+        return event_dict
+
+
+def configure(
+    *,
+    level: str = "INFO",
+    log_format: LogFormat = "auto",
+    stream: TextIO | None = None,
+    scrubber: SecretScrubber | None = None,
+) -> SecretScrubber:
+    """Sets up structlog and the standard library's logging; returns the secret scrubber."""
+    stream = stream or sys.stderr
+    scrubber = scrubber or SecretScrubber()
+    if log_format == "auto":
+        log_format = "text" if stream.isatty() else "json"
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ExtraAdder(),
+        structlog.processors.format_exc_info,
+        scrubber,
+    ]
+    renderer: Any
+    if log_format == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.processors.KeyValueRenderer(
+            key_order=["timestamp", "level", "event", "tenant", "run_id"], drop_missing=True
+        )
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared[:-1],
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared[:-1],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            scrubber,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiohttp's access log and asyncio's debug chatter are noise at INFO.
+    logging.getLogger("aiohttp.access").setLevel(max(logging.WARNING, root.level))
+    return scrubber
