@@ -27,7 +27,9 @@ class ConfigError(SyncdError):
         self.path = path
         where = f"{path}: " if path is not None else ""
         lines = "\n".join(f"  {problem}" for problem in self.problems)
-        super().__init__(f"{where}invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+        super().__init__(
+            f"{where}invalid configuration ({len(self.problems)} problem(s)):\n{lines}"
+        )
 
 
 class SchemaBehindError(SyncdError):
@@ -71,6 +73,44 @@ def cause_chain(exc: BaseException) -> list[str]:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         text = str(current) or type(current).__name__
-        messages.append(text if isinstance(current, SyncdError) else f"{type(current).__name__}: {text}")
-        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+        messages.append(
+            text if isinstance(current, SyncdError) else f"{type(current).__name__}: {text}"
+        )
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
     return messages
+
+
+class PageProblem(TenantError):
+    """A page of a VSPC collection is not what was asked for (bad payload, paging mismatch).
+
+    Fatal for the first page of a snapshot; for any later page it makes the snapshot
+    incomplete. The message names the tenant, the offset and the field at fault.
+    """
+
+    def __init__(self, message: str, *, tenant: str, offset: int, field: str) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        self.offset = offset
+        self.field = field
+
+
+class UnreadablePage(PageProblem):
+    """The body of a 200 answer is not valid JSON (truncated or malformed): worth one more try."""
+
+
+class RetriesExhausted(TenantError):
+    """A request kept failing in a retryable way until `max_retries` was used up."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransportError(TenantError):
+    """VSPC cannot be reached safely: its TLS certificate is not trusted or TLS is misconfigured."""
+
+
+class AsyncActionTimeout(TenantError):
+    """VSPC queued a request (202) and did not finish it within `async_action_timeout`."""

@@ -1,0 +1,140 @@
+"""The tables in schema `syncd`. Reporting tools read the views built on them (see README).
+
+One durable table of presence intervals (`links`) holds a row per (pair, stretch of time the
+pair was present). The reporting views `job_links_current`, `job_links_history` and
+`job_link_changes` all derive from it, so an added pair costs one row write, a removed pair one
+row update, and a sync that changes nothing writes no link rows at all.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA = "syncd"
+
+# VSPC never issues the nil UUID; links store it for "no uniqueJobUid" so that the pair's
+# identity is four plain NOT NULL columns: equality joins and a plain unique index work, where
+# NULL would need IS NOT DISTINCT FROM (no hash joins) or NULLS NOT DISTINCT. The views turn it
+# back into NULL.
+NO_UNIQUE_JOB_UID = "00000000-0000-0000-0000-000000000000"
+
+RUN_STATUSES = ("running", "succeeded", "partial", "failed")
+
+metadata = MetaData(
+    schema=SCHEMA,
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    },
+)
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class TenantRow(Base):
+    """A tenant ever synced. Rows stay when a tenant leaves the config: its data is kept."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # The last complete snapshot applied: which run, and when it started. A pair whose open
+    # interval began at or before that run was in it; this is how `last_confirmed_at` is known
+    # without rewriting every link row on every sync.
+    confirmed_run_id: Mapped[int | None] = mapped_column(BigInteger)
+    confirmed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    current_pairs: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+
+
+class RunRow(Base):
+    """One sync of one tenant (reporting view: `syncd.sync_runs`)."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('running', 'succeeded', 'partial', 'failed')", name="status_known"
+        ),
+        Index(None, "tenant_id", "id"),
+        Index(None, "tenant_id", postgresql_where=text("status = 'running'")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(Text)
+    pages_fetched: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    pairs_seen: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    pairs_added: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    pairs_removed: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    error: Mapped[str | None] = mapped_column(Text)
+    # Who ran it: helps an operator tell which process left a run behind.
+    host: Mapped[str | None] = mapped_column(Text)
+    pid: Mapped[int | None] = mapped_column(Integer)
+
+
+class LinkRow(Base):
+    """One presence interval of a pair; `valid_to` NULL while the pair is present.
+
+    No foreign keys on purpose: a constraint trigger per inserted row would dominate the cost
+    of an initial load of millions of pairs, and only `store` writes this table.
+    """
+
+    __tablename__ = "links"
+    __table_args__ = (
+        # The diff's lookup and the guarantee of one open interval per pair.
+        Index(
+            "uq_links_open_pair",
+            "tenant_id",
+            "job_uid",
+            "linked_job_uid",
+            "unique_job_uid",
+            unique=True,
+            postgresql_where=text("valid_to IS NULL"),
+        ),
+        Index(None, "tenant_id", "valid_from"),
+        Index(None, "valid_to", postgresql_where=text("valid_to IS NOT NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    job_uid: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    unique_job_uid: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    linked_job_uid: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    valid_from: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    valid_to: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    opened_run_id: Mapped[int] = mapped_column(BigInteger)
+    closed_run_id: Mapped[int | None] = mapped_column(BigInteger)
+
+
+# The reporting views: a public contract (names and columns are used by reporting tools).
+REPORTING_VIEWS = (
+    "job_links_current",
+    "job_links_history",
+    "job_link_changes",
+    "sync_runs",
+    "tenant_status",
+)

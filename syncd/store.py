@@ -1,0 +1,285 @@
+"""All of syncd's SQL: tenants, runs, the staging table and the set-based snapshot diff.
+
+A `RunStore` works on one dedicated connection for the whole of one tenant's run: the
+session-level advisory lock, the temporary staging table and the apply transaction all live
+on it. Pairs reach the staging table through asyncpg's binary `COPY`, never row by row.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from syncd import models
+from syncd.paging import Pair
+
+# Advisory lock namespace ("SYNC"); the second key is the tenant's id.
+LOCK_NAMESPACE = 1398361667
+STAGING = "syncd_staging"
+
+_NIL = models.NO_UNIQUE_JOB_UID
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What applying a snapshot changed."""
+
+    added: int
+    removed: int
+    removals_withheld: int
+    current_pairs: int
+
+
+class RunStore:
+    """SQL for one run of one tenant, on one connection the caller owns."""
+
+    def __init__(self, connection: AsyncConnection, tenant_name: str) -> None:
+        self.connection = connection
+        self.tenant_name = tenant_name
+        self.tenant_id: int | None = None
+        self.run_id: int | None = None
+        self.started_at: datetime | None = None
+
+    async def _scalar(self, statement: str, **params: Any) -> Any:
+        result = await self.connection.execute(sa.text(statement), params)
+        return result.scalar_one()
+
+    async def ensure_tenant(self) -> int:
+        """The tenant's id, creating its row on first sight."""
+        await self.connection.execute(
+            sa.text(
+                "INSERT INTO syncd.tenants (name) VALUES (:name) ON CONFLICT (name) DO NOTHING"
+            ),
+            {"name": self.tenant_name},
+        )
+        tenant_id: int = await self._scalar(
+            "SELECT id FROM syncd.tenants WHERE name = :name", name=self.tenant_name
+        )
+        await self.connection.commit()
+        self.tenant_id = tenant_id
+        return tenant_id
+
+    async def try_lock(self) -> bool:
+        """Takes the tenant's session-level advisory lock; False if another process holds it."""
+        locked: bool = await self._scalar(
+            "SELECT pg_try_advisory_lock(:namespace, :tenant_id)",
+            namespace=LOCK_NAMESPACE,
+            tenant_id=self.tenant_id,
+        )
+        await self.connection.commit()
+        return locked
+
+    async def unlock(self) -> None:
+        """Releases the advisory lock (closing the connection would release it too)."""
+        await self.connection.execute(
+            sa.text("SELECT pg_advisory_unlock(:namespace, :tenant_id)"),
+            {"namespace": LOCK_NAMESPACE, "tenant_id": self.tenant_id},
+        )
+        await self.connection.commit()
+
+    async def close_abandoned_runs(self) -> int:
+        """Marks `failed` the runs left `running` by a process that died (we hold the lock)."""
+        result = await self.connection.execute(
+            sa.text(
+                "UPDATE syncd.runs SET status = 'failed', finished_at = now(), "
+                "error = 'abandoned: the process running it stopped before it finished' "
+                "WHERE tenant_id = :tenant_id AND status = 'running'"
+            ),
+            {"tenant_id": self.tenant_id},
+        )
+        await self.connection.commit()
+        return result.rowcount
+
+    async def start_run(self) -> int:
+        """Records a new `running` run; returns its id."""
+        row = (
+            await self.connection.execute(
+                sa.text(
+                    "INSERT INTO syncd.runs (tenant_id, started_at, status, host, pid) "
+                    "VALUES (:tenant_id, now(), 'running', :host, :pid) "
+                    "RETURNING id, started_at"
+                ),
+                {"tenant_id": self.tenant_id, "host": socket.gethostname(), "pid": os.getpid()},
+            )
+        ).one()
+        await self.connection.commit()
+        self.run_id, self.started_at = row[0], row[1]
+        return int(row[0])
+
+    async def create_staging(self) -> None:
+        """A fresh temporary staging table (not WAL-logged, private to this connection)."""
+        await self.connection.execute(sa.text(f"DROP TABLE IF EXISTS pg_temp.{STAGING}"))
+        await self.connection.execute(
+            sa.text(
+                f"CREATE TEMPORARY TABLE {STAGING} ("
+                "job_uid uuid NOT NULL, unique_job_uid uuid NOT NULL, linked_job_uid uuid NOT NULL)"
+            )
+        )
+        await self.connection.commit()
+
+    async def drop_staging(self) -> None:
+        """Drops the staging table (the pooled connection outlives the run)."""
+        await self.connection.execute(sa.text(f"DROP TABLE IF EXISTS pg_temp.{STAGING}"))
+        await self.connection.commit()
+
+    async def copy_pairs(self, pairs: Sequence[Pair]) -> None:
+        """Appends `pairs` to the staging table with one binary COPY."""
+        raw = await self.connection.get_raw_connection()
+        driver: Any = raw.driver_connection
+        await driver.copy_records_to_table(
+            STAGING,
+            records=[(job, unique or _NIL, linked) for job, unique, linked in pairs],
+            columns=("job_uid", "unique_job_uid", "linked_job_uid"),
+        )
+
+    async def count_removals(self) -> tuple[int, int]:
+        """(pairs a complete snapshot would remove, pairs currently present)."""
+        await self.connection.execute(sa.text(f"ANALYZE {STAGING}"))
+        row = (
+            await self.connection.execute(
+                sa.text(
+                    f"""
+                    SELECT count(*) FILTER (WHERE NOT EXISTS (
+                               SELECT 1 FROM {STAGING} s
+                                WHERE s.job_uid = l.job_uid
+                                  AND s.linked_job_uid = l.linked_job_uid
+                                  AND s.unique_job_uid = l.unique_job_uid)),
+                           count(*)
+                      FROM syncd.links l
+                     WHERE l.tenant_id = :tenant_id AND l.valid_to IS NULL
+                    """
+                ),
+                {"tenant_id": self.tenant_id},
+            )
+        ).one()
+        return int(row[0]), int(row[1])
+
+    async def apply(self, *, remove_absent: bool) -> tuple[int, int]:
+        """Opens intervals for new pairs and, if `remove_absent`, closes absent ones.
+
+        One statement: both data-modifying CTEs see the same snapshot of `links`, and they
+        touch disjoint sets of pairs (in staging and not open / open and not in staging).
+        Returns (added, removed). The caller owns the transaction.
+        """
+        row = (
+            await self.connection.execute(
+                sa.text(
+                    f"""
+                    WITH closed AS (
+                        UPDATE syncd.links l
+                           SET valid_to = :started_at, closed_run_id = :run_id
+                         WHERE :remove_absent
+                           AND l.tenant_id = :tenant_id
+                           AND l.valid_to IS NULL
+                           AND NOT EXISTS (
+                                SELECT 1 FROM {STAGING} s
+                                 WHERE s.job_uid = l.job_uid
+                                   AND s.linked_job_uid = l.linked_job_uid
+                                   AND s.unique_job_uid = l.unique_job_uid)
+                        RETURNING 1
+                    ), added AS (
+                        INSERT INTO syncd.links (tenant_id, job_uid, unique_job_uid,
+                                                 linked_job_uid, valid_from, opened_run_id)
+                        SELECT DISTINCT CAST(:tenant_id AS integer), s.job_uid,
+                               s.unique_job_uid, s.linked_job_uid,
+                               CAST(:started_at AS timestamptz), CAST(:run_id AS bigint)
+                          FROM {STAGING} s
+                         WHERE NOT EXISTS (
+                                SELECT 1 FROM syncd.links l
+                                 WHERE l.tenant_id = :tenant_id
+                                   AND l.valid_to IS NULL
+                                   AND l.job_uid = s.job_uid
+                                   AND l.linked_job_uid = s.linked_job_uid
+                                   AND l.unique_job_uid = s.unique_job_uid)
+                        RETURNING 1
+                    )
+                    SELECT (SELECT count(*) FROM added), (SELECT count(*) FROM closed)
+                    """
+                ),
+                {
+                    "tenant_id": self.tenant_id,
+                    "run_id": self.run_id,
+                    "started_at": self.started_at,
+                    "remove_absent": remove_absent,
+                },
+            )
+        ).one()
+        return int(row[0]), int(row[1])
+
+    async def distinct_staged(self) -> int:
+        """How many distinct pairs the staging table holds."""
+        count: int = await self._scalar(
+            f"SELECT count(*) FROM (SELECT DISTINCT * FROM {STAGING}) d"
+        )
+        return count
+
+    async def finish_run(
+        self,
+        *,
+        status: str,
+        pages_fetched: int,
+        pairs_seen: int,
+        added: int,
+        removed: int,
+        error: str | None,
+        confirmed: bool,
+    ) -> int:
+        """Closes the run and updates the tenant's bookkeeping; returns current pairs.
+
+        Runs inside the caller's transaction, so data and run status commit together.
+        """
+        current: int = await self._scalar(
+            """
+            UPDATE syncd.tenants
+               SET current_pairs = current_pairs + :added - :removed,
+                   confirmed_run_id = CASE WHEN :confirmed THEN :run_id ELSE confirmed_run_id END,
+                   confirmed_at = CASE WHEN :confirmed THEN :started_at ELSE confirmed_at END
+             WHERE id = :tenant_id
+         RETURNING current_pairs
+            """,
+            added=added,
+            removed=removed,
+            confirmed=confirmed,
+            run_id=self.run_id,
+            started_at=self.started_at,
+            tenant_id=self.tenant_id,
+        )
+        await self.connection.execute(
+            sa.text(
+                "UPDATE syncd.runs SET status = :status, finished_at = now(), "
+                "pages_fetched = :pages_fetched, pairs_seen = :pairs_seen, "
+                "pairs_added = :added, pairs_removed = :removed, error = :error "
+                "WHERE id = :run_id"
+            ),
+            {
+                "status": status,
+                "pages_fetched": pages_fetched,
+                "pairs_seen": pairs_seen,
+                "added": added,
+                "removed": removed,
+                "error": error,
+                "run_id": self.run_id,
+            },
+        )
+        return current
+
+
+async def fail_run(
+    connection: AsyncConnection, run_id: int, error: str, pages_fetched: int
+) -> None:
+    """Marks a run `failed` with `error`, in a transaction of its own."""
+    await connection.execute(
+        sa.text(
+            "UPDATE syncd.runs SET status = 'failed', finished_at = now(), error = :error, "
+            "pages_fetched = :pages_fetched WHERE id = :run_id AND status = 'running'"
+        ),
+        {"error": error, "pages_fetched": pages_fetched, "run_id": run_id},
+    )
+    await connection.commit()
