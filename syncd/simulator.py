@@ -1,0 +1,933 @@
+"""A VSPC REST API v3 simulator: the backup copy job `jobObjects` collection and its auth.
+
+It is a real `aiohttp.web` application, used by the tests (over real sockets), by
+`syncd simulate` for demos, and by the benchmarks. It follows the reference notes in
+`vspc-api-notes.md`: bearer auth with API keys or password-grant tokens (refresh tokens
+rotate), the `X-Client-Version` check, `limit`/`offset`/`sort`/`filter`/`select` as VSPC reads
+them, every server error as HTTP 520, 429 throttling with `retryAfter`, and 202 async actions.
+A 202's `Location` is a path relative to the server root (`/api/v3/asyncActions/<uuid>`);
+polling it answers 202 until the action is done, then 200 with the page that the original
+request would have got at the time it was made.
+
+Without `sort` the order is deliberately unstable (a fresh random order per request), as the
+API only promises "the default order based on its own semantics": a client that forgets to
+sort gets duplicates and misses, and the tests notice.
+
+Misbehaviour is scripted with `Fault`s injected into `SimulatorState`. Sorted page bodies are
+cached per tenant and dropped on any change to that tenant's data, so a million pairs page
+quickly; call `SimulatorState.invalidate` after editing `SimTenant.items` by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import secrets
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+API_PREFIX = "/api/v3"
+TOKEN_PATH = "/api/v3/token"  # noqa: S105 - a path, not a password
+JOB_OBJECTS_PATH = "/api/v3/infrastructure/backupServers/jobs/backupCopyJobs/jobObjects"
+ASYNC_ACTIONS_PATH = "/api/v3/asyncActions"
+DEFAULT_LIMIT = 100
+MAX_OFFSET = 2_147_483_647
+PROPERTIES = ("jobUid", "linkedJobUid", "uniqueJobUid")
+REQUEST_LOG_SIZE = 10_000
+
+FAULT_KINDS = frozenset(
+    {
+        "429",
+        "520",
+        "status",
+        "403",
+        "401",
+        "async202",
+        "latency",
+        "hang",
+        "malformed_json",
+        "truncated",
+        "bad_uuid",
+        "missing_field",
+        "wrong_total",
+        "wrong_offset",
+        "wrong_count",
+        "drift",
+        "null_meta",
+    }
+)
+# The token endpoint has no pages, so only these make sense there (and only with offset None).
+TOKEN_FAULT_KINDS = frozenset({"429", "520", "latency", "hang"})
+
+_JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+_PAGE_CACHE_ENTRIES = 50_000
+_ASYNC_ACTIONS_KEPT = 10_000
+_DUPLICATE_JOB_FRACTION = 0.005
+_SHARED_SOURCE_FRACTION = 0.1
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class SimTenant:
+    """One VSPC account (or server) and its dataset; all tenants share one simulator."""
+
+    name: str
+    api_key: str = field(repr=False)
+    username: str
+    password: str = field(repr=False)
+    items: list[dict[str, str]] = field(repr=False)
+    mfa: bool = False
+    read_only_key: bool = False
+
+
+@dataclass
+class Fault:
+    """A scripted misbehaviour, matched per request by tenant, offset, times and probability.
+
+    Kinds: "429", "520", "status", "403", "401", "async202", "latency", "hang",
+    "malformed_json", "truncated", "bad_uuid", "missing_field", "wrong_total", "wrong_offset",
+    "wrong_count", "drift", "null_meta". The token endpoint honours "429", "520", "latency"
+    and "hang" when `offset` is None. `error_type` None means "transport" for "520" and
+    "logical" for "status".
+    """
+
+    kind: str
+    tenant: str | None = None
+    offset: int | None = None
+    times: int | None = 1
+    probability: float = 1.0
+    retry_after_s: float | None = None
+    retry_after_in: str = "body"
+    delay_s: float = 0.0
+    status: int | None = None
+    error_type: str | None = None
+    polls: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; one of {sorted(FAULT_KINDS)}")
+        if self.retry_after_in not in ("body", "header", "both"):
+            raise ValueError("retry_after_in must be 'body', 'header' or 'both'")
+        if self.kind == "status" and self.status is None:
+            raise ValueError("a 'status' fault needs status=")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError("probability must be within 0..1")
+        if self.times is not None and self.times < 1:
+            raise ValueError("times must be at least 1, or None for forever")
+
+
+@dataclass
+class RequestRecord:
+    """One request as the simulator saw it. `status` stays 0 until it is answered (or forever,
+    when the client gave up first). The Authorization value is redacted; `credential` says
+    which kind authenticated the request: "api_key", "access_token" or None."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: CIMultiDict[str]
+    tenant: str | None = None
+    status: int = 0
+    credential: str | None = None
+    started_at: float = 0.0
+    duration_s: float = 0.0
+
+
+@dataclass
+class _ArmedFault:
+    fault: Fault
+    remaining: int | None
+
+
+@dataclass
+class _Token:
+    tenant: str
+    expires_at: float
+
+
+@dataclass
+class _AsyncAction:
+    tenant: str
+    body: bytes
+    polls_left: int
+
+
+@dataclass(frozen=True)
+class _Query:
+    offset: int
+    limit: int
+    sort: tuple[tuple[str, bool], ...]  # (property, descending)
+    filter_key: bytes
+    predicate: Callable[[dict[str, str]], bool] | None
+    select: tuple[str, ...]
+
+
+class _BadQuery(ValueError):
+    """A query parameter VSPC would refuse with 400."""
+
+
+def _uuid4(rng: random.Random) -> str:
+    """A random version-4 UUID drawn from `rng` (reproducible, unlike `uuid.uuid4`)."""
+    value = rng.getrandbits(128)
+    value = (value & ~(0xF000 << 64)) | (0x4000 << 64)
+    value = (value & ~(0xC000 << 48)) | (0x8000 << 48)
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _copy_job_items(
+    rng: random.Random, sources: list[str], unique_uid_fraction: float, links: int
+) -> list[dict[str, str]]:
+    """Pairs of one new backup copy job linked to `links` source jobs."""
+    job_uid = _uuid4(rng)
+    linked: list[str] = []
+    while len(linked) < links:
+        if sources and rng.random() < _SHARED_SOURCE_FRACTION:
+            # One source job can feed several copy jobs.
+            candidate = rng.choice(sources)
+            if candidate in linked:
+                continue
+        else:
+            candidate = _uuid4(rng)
+            sources.append(candidate)
+        linked.append(candidate)
+    uniques: list[str | None]
+    if rng.random() < _DUPLICATE_JOB_FRACTION:
+        # Seen in the field: one VBR job known to VSPC twice (e.g. a re-added server).
+        uniques = [_uuid4(rng), _uuid4(rng)]
+    elif rng.random() < unique_uid_fraction:
+        uniques = [_uuid4(rng)]
+    else:
+        uniques = [None]
+    items = []
+    for unique in uniques:
+        for source in linked:
+            item = {"jobUid": job_uid, "linkedJobUid": source}
+            if unique is not None:
+                item["uniqueJobUid"] = unique
+            items.append(item)
+    return items
+
+
+def make_dataset(
+    *, tenants: int, pairs_per_tenant: int, seed: int = 0, unique_uid_fraction: float = 0.9
+) -> list[SimTenant]:
+    """Deterministic tenants "tenant-1".. each with exactly `pairs_per_tenant` distinct pairs.
+
+    Backup copy jobs link 1-5 source jobs (sometimes shared between copy jobs);
+    `uniqueJobUid` is present on about `unique_uid_fraction` of copy jobs. About 0.5% of copy
+    jobs appear twice, with the same `jobUid` and different `uniqueJobUid`s.
+    """
+    result = []
+    for number in range(1, tenants + 1):
+        name = f"tenant-{number}"
+        rng = random.Random(f"syncd-simulator:{seed}:{name}")  # noqa: S311 - test data
+        sources: list[str] = []
+        items: list[dict[str, str]] = []
+        while len(items) < pairs_per_tenant:
+            items.extend(_copy_job_items(rng, sources, unique_uid_fraction, rng.randint(1, 5)))
+        del items[pairs_per_tenant:]
+        result.append(
+            SimTenant(
+                name=name,
+                api_key=f"sim-key-{name}-{rng.getrandbits(96):024x}",
+                username=f"{name}-user",
+                password=f"{rng.getrandbits(64):016x}",
+                items=items,
+            )
+        )
+    return result
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _error_body(status: int, message: str, error_type: str, **extra: Any) -> bytes:
+    error: dict[str, Any] = {"message": message, "type": error_type, "code": status}
+    error.update(extra)
+    return orjson.dumps({"errors": [error]})
+
+
+def _json_response(
+    status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    response = web.Response(status=status, body=body, headers=headers)
+    response.headers["Content-Type"] = _JSON_CONTENT_TYPE
+    return response
+
+
+def _vspc_error(
+    status: int, message: str, error_type: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """The VSPC error envelope; server errors are always sent as 520."""
+    http_status = 520 if status >= 500 else status
+    return _json_response(http_status, _error_body(status, message, error_type), headers)
+
+
+def _oauth_error(error: str, description: str) -> web.Response:
+    return _json_response(
+        400, orjson.dumps({"error": error, "error_description": description, "error_uri": None})
+    )
+
+
+def _int_param(query: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise _BadQuery(f"'{name}' must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise _BadQuery(f"'{name}' must be within {low}..{high}, got {value}")
+    return value
+
+
+def _json_param(query: Mapping[str, str], name: str) -> list[Any]:
+    raw = query.get(name)
+    if raw is None or not raw.strip():
+        return []
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _BadQuery(f"'{name}' is not valid JSON") from None
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+        raise _BadQuery(f"'{name}' must be a JSON array of objects")
+    return value
+
+
+def _property(entry: Mapping[str, Any], key: str, what: str) -> str:
+    name = entry.get(key)
+    if name not in PROPERTIES:
+        raise _BadQuery(f"{what}: unknown property {name!r}")
+    assert isinstance(name, str)
+    return name
+
+
+def _predicate(expression: Mapping[str, Any]) -> Callable[[dict[str, str]], bool]:
+    operation = expression.get("operation")
+    if operation in ("and", "or", "not"):
+        inner_raw = expression.get("items")
+        if not isinstance(inner_raw, list) or not inner_raw:
+            raise _BadQuery(f"filter: '{operation}' needs items")
+        inner = [_predicate(item) for item in inner_raw if isinstance(item, dict)]
+        if operation == "and":
+            return lambda item: all(check(item) for check in inner)
+        if operation == "or":
+            return lambda item: any(check(item) for check in inner)
+        return lambda item: not inner[0](item)
+    name = _property(expression, "property", "filter")
+    value = expression.get("value")
+    if operation == "equals":
+        return lambda item: item.get(name) == value
+    if operation == "notEquals":
+        return lambda item: item.get(name) != value
+    if operation == "in" and isinstance(value, list):
+        values = frozenset(value)
+        return lambda item: item.get(name) in values
+    raise _BadQuery(f"filter: operation {operation!r} is not supported by the simulator")
+
+
+def _sort_key(name: str) -> Callable[[dict[str, str]], str]:
+    def key(item: dict[str, str]) -> str:
+        return item.get(name, "")
+
+    return key
+
+
+def _parse_query(query: Mapping[str, str], max_page_size: int) -> _Query:
+    limit = _int_param(query, "limit", DEFAULT_LIMIT, 1, max_page_size)
+    offset = _int_param(query, "offset", 0, 0, MAX_OFFSET)
+    sort = []
+    for entry in _json_param(query, "sort"):
+        name = _property(entry, "property", "sort")
+        direction = entry.get("direction", "ascending")
+        if direction not in ("ascending", "descending"):
+            raise _BadQuery(f"sort: unknown direction {direction!r}")
+        sort.append((name, direction == "descending"))
+    filters = _json_param(query, "filter")
+    predicate = _predicate({"operation": "and", "items": filters}) if filters else None
+    select = tuple(
+        _property(entry, "propertyPath", "select") for entry in _json_param(query, "select")
+    )
+    return _Query(
+        offset=offset,
+        limit=limit,
+        sort=tuple(sort),
+        filter_key=orjson.dumps(filters, option=orjson.OPT_SORT_KEYS),
+        predicate=predicate,
+        select=select,
+    )
+
+
+class SimulatorState:
+    """The simulated VSPC's data, issued tokens, injected faults and observations.
+
+    Observations for tests: `requests_by_status`, `max_in_flight` / `in_flight` (jobObjects
+    requests per tenant), `request_log` (the last 10,000 requests), `token_grants` (successful
+    grants by type) and `faults_fired` (by kind).
+    """
+
+    def __init__(
+        self,
+        tenants: list[SimTenant],
+        *,
+        seed: int = 0,
+        token_lifetime_s: float = 3600.0,
+        require_client_version: bool = True,
+        supported_versions: tuple[str, ...] = ("3.6", "3.5"),
+        max_page_size: int = 500,
+    ) -> None:
+        self.tenants: dict[str, SimTenant] = {}
+        self._by_api_key: dict[str, str] = {}
+        self._by_username: dict[str, str] = {}
+        for tenant in tenants:
+            if tenant.name in self.tenants:
+                raise ValueError(f"duplicate tenant name {tenant.name!r}")
+            if tenant.api_key in self._by_api_key or tenant.username in self._by_username:
+                raise ValueError(f"tenant {tenant.name!r} reuses another tenant's credentials")
+            self.tenants[tenant.name] = tenant
+            self._by_api_key[tenant.api_key] = tenant.name
+            self._by_username[tenant.username] = tenant.name
+        self.token_lifetime_s = token_lifetime_s
+        self.require_client_version = require_client_version
+        self.supported_versions = supported_versions
+        self.max_page_size = max_page_size
+        self.hang_s = 3600.0
+
+        self.requests_by_status: collections.Counter[int] = collections.Counter()
+        self.in_flight: dict[str, int] = dict.fromkeys(self.tenants, 0)
+        self.max_in_flight: dict[str, int] = dict.fromkeys(self.tenants, 0)
+        self.request_log: collections.deque[RequestRecord] = collections.deque(
+            maxlen=REQUEST_LOG_SIZE
+        )
+        self.token_grants: collections.Counter[str] = collections.Counter()
+        self.faults_fired: collections.Counter[str] = collections.Counter()
+
+        # Separate streams so that, e.g., unsorted requests do not shift which faults fire.
+        self._fault_rng = random.Random(f"{seed}:faults")  # noqa: S311 - simulation only
+        self._order_rng = random.Random(f"{seed}:order")  # noqa: S311 - simulation only
+        self._data_rng = random.Random(f"{seed}:data")  # noqa: S311 - simulation only
+        self._faults: list[_ArmedFault] = []
+        self._access_tokens: dict[str, _Token] = {}
+        self._refresh_tokens: dict[str, str] = {}
+        self._views: dict[str, dict[tuple[Any, ...], list[dict[str, str]]]] = {}
+        self._pages: dict[str, dict[tuple[Any, ...], bytes]] = {}
+        self._async_actions: collections.OrderedDict[str, _AsyncAction] = collections.OrderedDict()
+
+    # --- scripting -------------------------------------------------------------------------
+
+    def inject(self, fault: Fault) -> None:
+        """Arms `fault`; faults are checked in the order they were injected."""
+        if fault.tenant is not None and fault.tenant not in self.tenants:
+            raise ValueError(f"unknown tenant {fault.tenant!r}")
+        self._faults.append(_ArmedFault(fault, fault.times))
+
+    def clear_faults(self) -> None:
+        """Disarms every fault."""
+        self._faults.clear()
+
+    def revoke_tokens(self, tenant: str | None = None) -> None:
+        """Invalidates every issued access and refresh token (of `tenant`, or of everyone).
+        API keys stay valid."""
+        self._access_tokens = {
+            token: issued
+            for token, issued in self._access_tokens.items()
+            if tenant is not None and issued.tenant != tenant
+        }
+        self._refresh_tokens = {
+            token: owner
+            for token, owner in self._refresh_tokens.items()
+            if tenant is not None and owner != tenant
+        }
+
+    def invalidate(self, tenant: str | None = None) -> None:
+        """Drops cached views and pages (after editing `SimTenant.items` directly)."""
+        if tenant is None:
+            self._views.clear()
+            self._pages.clear()
+        else:
+            self._views.pop(tenant, None)
+            self._pages.pop(tenant, None)
+
+    def reset_observations(self) -> None:
+        """Clears counters and the request log (not data, tokens or faults)."""
+        self.requests_by_status.clear()
+        self.request_log.clear()
+        self.token_grants.clear()
+        self.faults_fired.clear()
+        self.max_in_flight = dict(self.in_flight)
+
+    # --- churn -----------------------------------------------------------------------------
+
+    def add_pairs(self, tenant: str, n: int) -> list[dict[str, str]]:
+        """Adds `n` new pairs to `tenant`: new copy jobs, or new sources of existing ones."""
+        items = self.tenants[tenant].items
+        existing = {(i["jobUid"], i["linkedJobUid"], i.get("uniqueJobUid")) for i in items}
+        added: list[dict[str, str]] = []
+        sources: list[str] = []
+        rng = self._data_rng
+        while len(added) < n:
+            if items and rng.random() < 0.3:
+                template = rng.choice(items)
+                item = {"jobUid": template["jobUid"], "linkedJobUid": _uuid4(rng)}
+                if "uniqueJobUid" in template:
+                    item["uniqueJobUid"] = template["uniqueJobUid"]
+                candidates = [item]
+            else:
+                candidates = _copy_job_items(rng, sources, 0.9, rng.randint(1, 3))
+            for item in candidates[: n - len(added)]:
+                key = (item["jobUid"], item["linkedJobUid"], item.get("uniqueJobUid"))
+                if key not in existing:
+                    existing.add(key)
+                    added.append(item)
+        items.extend(added)
+        self.invalidate(tenant)
+        return added
+
+    def remove_pairs(self, tenant: str, n: int) -> list[dict[str, str]]:
+        """Removes `n` random pairs (or all, if fewer) from `tenant`; returns them."""
+        items = self.tenants[tenant].items
+        doomed = set(self._data_rng.sample(range(len(items)), min(n, len(items))))
+        removed = [item for index, item in enumerate(items) if index in doomed]
+        items[:] = [item for index, item in enumerate(items) if index not in doomed]
+        self.invalidate(tenant)
+        return removed
+
+    def churn(self, tenant: str, fraction: float) -> tuple[int, int]:
+        """Removes, then adds, `fraction` of `tenant`'s pairs; returns (removed, added)."""
+        count = round(len(self.tenants[tenant].items) * fraction)
+        removed = self.remove_pairs(tenant, count)
+        added = self.add_pairs(tenant, count)
+        return len(removed), len(added)
+
+    # --- auth ------------------------------------------------------------------------------
+
+    def _authenticate(self, header: str | None) -> tuple[str, str] | None:
+        """(tenant, credential kind) for an Authorization header value, if it is valid."""
+        scheme, _, credential = (header or "").partition(" ")
+        credential = credential.strip()
+        if scheme.lower() != "bearer" or not credential:
+            return None
+        tenant = self._by_api_key.get(credential)
+        if tenant is not None:
+            return tenant, "api_key"
+        token = self._access_tokens.get(credential)
+        if token is None:
+            return None
+        if token.expires_at <= time.monotonic():
+            del self._access_tokens[credential]
+            return None
+        return token.tenant, "access_token"
+
+    def _issue_tokens(self, tenant: str, grant: str) -> bytes:
+        access = f"sim-at-{secrets.token_urlsafe(24)}"
+        refresh = f"sim-rt-{secrets.token_urlsafe(24)}"
+        self._access_tokens[access] = _Token(tenant, time.monotonic() + self.token_lifetime_s)
+        self._refresh_tokens[refresh] = tenant
+        self.token_grants[grant] += 1
+        return orjson.dumps(
+            {
+                "access_token": access,
+                "token_type": "bearer",
+                "refresh_token": refresh,
+                # Rounded up so a short test lifetime is never advertised as 0.
+                "expires_in": math.ceil(self.token_lifetime_s),
+            }
+        )
+
+    # --- faults ----------------------------------------------------------------------------
+
+    def _take_fault(
+        self, tenant: str | None, offset: int | None, kinds: frozenset[str]
+    ) -> tuple[float, Fault | None]:
+        """(total latency to add, the one other fault to apply), consuming what fires."""
+        delay_s = 0.0
+        chosen: Fault | None = None
+        for armed in self._faults:
+            fault = armed.fault
+            if armed.remaining == 0 or fault.kind not in kinds:
+                continue
+            if fault.tenant is not None and fault.tenant != tenant:
+                continue
+            if fault.offset is not None and fault.offset != offset:
+                continue
+            if chosen is not None and fault.kind != "latency":
+                continue
+            if fault.probability < 1.0 and self._fault_rng.random() >= fault.probability:
+                continue
+            if armed.remaining is not None:
+                armed.remaining -= 1
+            self.faults_fired[fault.kind] += 1
+            if fault.kind == "latency":
+                delay_s += fault.delay_s
+            else:
+                chosen = fault
+        self._faults = [armed for armed in self._faults if armed.remaining != 0]
+        return delay_s, chosen
+
+    # --- pages -----------------------------------------------------------------------------
+
+    def _view(self, tenant: str, query: _Query) -> list[dict[str, str]]:
+        """The tenant's items, filtered and (when asked) sorted; cached until data changes."""
+        views = self._views.setdefault(tenant, {})
+        key = (query.sort, query.filter_key)
+        view = views.get(key)
+        if view is None:
+            items = self.tenants[tenant].items
+            predicate = query.predicate
+            view = [item for item in items if predicate(item)] if predicate else list(items)
+            # Stable sorts, last key first, give a multi-key sort; missing values sort first.
+            for name, descending in reversed(query.sort):
+                view.sort(key=_sort_key(name), reverse=descending)
+            views[key] = view
+        return view
+
+    def _page_document(self, tenant: str, query: _Query) -> dict[str, Any]:
+        view = self._view(tenant, query)
+        total = len(view)
+        if query.sort:
+            data = view[query.offset : query.offset + query.limit]
+        else:
+            count = max(0, min(query.limit, total - query.offset))
+            data = self._order_rng.sample(view, count)
+        if query.select:
+            data = [{name: item[name] for name in query.select if name in item} for item in data]
+        return {
+            "meta": {"pagingInfo": {"total": total, "count": len(data), "offset": query.offset}},
+            "data": data,
+            "errors": None,
+        }
+
+    def _page_body(self, tenant: str, query: _Query) -> bytes:
+        if not query.sort:
+            return orjson.dumps(self._page_document(tenant, query))
+        pages = self._pages.setdefault(tenant, {})
+        key = (query.offset, query.limit, query.sort, query.filter_key, query.select)
+        body = pages.get(key)
+        if body is None:
+            if len(pages) >= _PAGE_CACHE_ENTRIES:
+                pages.clear()
+            body = pages[key] = orjson.dumps(self._page_document(tenant, query))
+        return body
+
+    def _new_async_action(self, tenant: str, body: bytes, polls: int) -> str:
+        action_id = str(uuid.uuid4())
+        self._async_actions[action_id] = _AsyncAction(tenant, body, polls)
+        while len(self._async_actions) > _ASYNC_ACTIONS_KEPT:
+            self._async_actions.popitem(last=False)
+        return action_id
+
+    def _async_running(self, action_id: str) -> web.Response:
+        body = orjson.dumps({"data": {"id": action_id, "status": "running"}})
+        return _json_response(202, body, {"Location": f"{ASYNC_ACTIONS_PATH}/{action_id}"})
+
+
+def _faulty_document(document: dict[str, Any], kind: str) -> dict[str, Any]:
+    """`document` damaged as `kind` says (the cached items are copied, never edited)."""
+    data: list[dict[str, str]] = document["data"]
+    paging: dict[str, int] = document["meta"]["pagingInfo"]
+    if kind == "bad_uuid" and data:
+        data[len(data) // 2] = {**data[len(data) // 2], "jobUid": "not-a-uuid"}
+    elif kind == "missing_field" and data:
+        item = dict(data[len(data) // 2])
+        item.pop("linkedJobUid", None)
+        data[len(data) // 2] = item
+    elif kind == "wrong_total":
+        paging["total"] += 7
+    elif kind == "wrong_count":
+        paging["count"] = len(data) + 1
+    elif kind == "null_meta":
+        document["meta"] = None
+    return document
+
+
+class _Api:
+    """Request handling for one application; `state` may outlive it."""
+
+    def __init__(self, state: SimulatorState) -> None:
+        self.state = state
+        self.stopping = asyncio.Event()
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        self.stopping.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleeps, but wakes early when the server shuts down (so shutdown is quick)."""
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Every request comes through here: record it, check the version, route it."""
+        headers = CIMultiDict(request.headers)
+        if "Authorization" in headers:
+            scheme = headers["Authorization"].partition(" ")[0]
+            headers["Authorization"] = f"{scheme} [redacted]"
+        record = RequestRecord(
+            method=request.method,
+            path=request.path,
+            query=dict(request.query),
+            headers=headers,
+            started_at=time.monotonic(),
+        )
+        self.state.request_log.append(record)
+        try:
+            response = await self._route(request, record)
+        except Exception:
+            _log.exception("simulator bug while answering %s %s", request.method, request.path)
+            response = _vspc_error(500, "Internal error in the simulator", "unspecified")
+        record.status = response.status
+        record.duration_s = time.monotonic() - record.started_at
+        self.state.requests_by_status[response.status] += 1
+        return response
+
+    async def _route(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
+        path = request.path.rstrip("/")
+        if not path.startswith(API_PREFIX + "/"):
+            return _vspc_error(404, f"No resource at {request.path}", "logical")
+        if self.state.require_client_version:
+            version = request.headers.get("X-Client-Version")
+            if version not in self.state.supported_versions:
+                supported = ", ".join(self.state.supported_versions)
+                message = (
+                    f"API version {version!r} is not supported; supported versions: {supported}"
+                    if version
+                    else f"X-Client-Version header is required; supported versions: {supported}"
+                )
+                body = {"error": {"code": "UnsupportedApiVersion", "message": message}}
+                return _json_response(400, orjson.dumps(body))
+        if path == TOKEN_PATH:
+            if request.method != "POST":
+                return _vspc_error(405, "Method not allowed", "logical")
+            return await self._token(request, record)
+
+        identity = self.state._authenticate(request.headers.get("Authorization"))
+        if identity is None:
+            return _vspc_error(401, "Authentication failed: missing or invalid token", "security")
+        tenant, record.credential = identity
+        record.tenant = tenant
+        if request.method not in ("GET", "HEAD"):
+            if self.state.tenants[tenant].read_only_key and record.credential == "api_key":
+                return _vspc_error(403, "The API key is read-only", "security")
+            return _vspc_error(405, "Method not allowed", "logical")
+        if path == JOB_OBJECTS_PATH:
+            return await self._job_objects(request, tenant)
+        if path.startswith(ASYNC_ACTIONS_PATH + "/"):
+            return self._async_action(path.removeprefix(ASYNC_ACTIONS_PATH + "/"), tenant)
+        return _vspc_error(404, f"No resource at {request.path}", "logical")
+
+    async def _token(self, request: web.Request, record: RequestRecord) -> web.StreamResponse:
+        state = self.state
+        if request.content_type not in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            return _oauth_error("invalid_request", "Expected a form-encoded body")
+        form = await request.post()
+        fields = {key: value for key, value in form.items() if isinstance(value, str)}
+        grant = fields.get("grant_type")
+        tenant: str | None = None
+        if grant == "password":
+            tenant = state._by_username.get(fields.get("username", ""))
+        elif grant == "refresh_token":
+            tenant = state._refresh_tokens.get(fields.get("refresh_token", ""))
+        record.tenant = tenant
+
+        delay_s, fault = state._take_fault(tenant, None, TOKEN_FAULT_KINDS)
+        await self._sleep(delay_s)
+        if fault is not None:
+            return await self._error_fault(fault)
+
+        if not grant:
+            return _oauth_error("invalid_request", "grant_type is required")
+        if grant == "password":
+            username, password = fields.get("username"), fields.get("password")
+            if not username or not password:
+                return _oauth_error("invalid_request", "username and password are required")
+            account = state.tenants.get(tenant) if tenant else None
+            if account is None or not secrets.compare_digest(account.password, password):
+                return _oauth_error(
+                    "invalid_grant",
+                    "Cannot complete login due to incorrect username or password, "
+                    "or no sufficient rights.",
+                )
+            if account.mfa:
+                return _oauth_error(
+                    "invalid_grant",
+                    "Multi-factor authentication is enabled for this account; "
+                    "the password grant cannot be used, use an API key.",
+                )
+            return _json_response(200, state._issue_tokens(account.name, "password"))
+        if grant == "refresh_token":
+            refresh = fields.get("refresh_token")
+            if not refresh:
+                return _oauth_error("invalid_request", "refresh_token is required")
+            owner = state._refresh_tokens.pop(refresh, None)
+            if owner is None:
+                return _oauth_error("invalid_grant", "The refresh token is invalid or expired")
+            return _json_response(200, state._issue_tokens(owner, "refresh_token"))
+        return _oauth_error("unsupported_grant_type", f"Grant type {grant!r} is not supported")
+
+    async def _error_fault(self, fault: Fault) -> web.Response:
+        """The response of a fault that replaces the answer with an error (or hangs)."""
+        if fault.kind == "hang":
+            await self._sleep(self.state.hang_s)
+            return _vspc_error(500, "The server is shutting down", "transport")
+        if fault.kind == "429":
+            extra: dict[str, Any] = {}
+            headers: dict[str, str] = {}
+            if fault.retry_after_s is not None:
+                if fault.retry_after_in in ("body", "both"):
+                    extra["retryAfter"] = _number(fault.retry_after_s)
+                if fault.retry_after_in in ("header", "both"):
+                    headers["Retry-After"] = str(_number(fault.retry_after_s))
+            body = _error_body(429, "Too many requests", "transport", **extra)
+            return _json_response(429, body, headers)
+        if fault.kind == "520":
+            return _vspc_error(500, "Internal server error", fault.error_type or "transport")
+        if fault.kind == "status":
+            assert fault.status is not None
+            message = f"Simulated error {fault.status}"
+            return _vspc_error(fault.status, message, fault.error_type or "logical")
+        if fault.kind == "403":
+            return _vspc_error(403, "Access denied: insufficient rights", "security")
+        if fault.kind == "401":
+            return _vspc_error(401, "Authentication failed: token was revoked", "security")
+        raise AssertionError(f"not an error fault: {fault.kind}")
+
+    async def _job_objects(self, request: web.Request, tenant: str) -> web.StreamResponse:
+        state = self.state
+        state.in_flight[tenant] += 1
+        state.max_in_flight[tenant] = max(state.max_in_flight[tenant], state.in_flight[tenant])
+        try:
+            try:
+                query = _parse_query(request.query, state.max_page_size)
+            except _BadQuery as exc:
+                return _vspc_error(400, str(exc), "logical")
+            delay_s, fault = state._take_fault(tenant, query.offset, FAULT_KINDS)
+            await self._sleep(delay_s)
+            kind = fault.kind if fault is not None else None
+            if fault is None or kind == "drift":
+                body = state._page_body(tenant, query)
+                if kind == "drift":
+                    state.remove_pairs(tenant, 1)
+                    state.add_pairs(tenant, 1)
+                return _json_response(200, body)
+            if kind in ("hang", "429", "520", "status", "403", "401"):
+                return await self._error_fault(fault)
+            if kind == "async202":
+                action_id = state._new_async_action(
+                    tenant, state._page_body(tenant, query), fault.polls
+                )
+                return state._async_running(action_id)
+            if kind == "malformed_json":
+                return _json_response(200, b'{"meta": {"pagingInfo": {"total": 3,, "data": [')
+            if kind == "truncated":
+                body = state._page_body(tenant, query)
+                # web.Response sets Content-Length from the cut body: a JSON error, not EOF.
+                return _json_response(200, body[: len(body) // 2])
+            if kind == "wrong_offset":
+                first_page = dataclasses.replace(query, offset=0)
+                return _json_response(200, state._page_body(tenant, first_page))
+            document = _faulty_document(state._page_document(tenant, query), fault.kind)
+            return _json_response(200, orjson.dumps(document))
+        finally:
+            state.in_flight[tenant] -= 1
+
+    def _async_action(self, action_id: str, tenant: str) -> web.Response:
+        action = self.state._async_actions.get(action_id)
+        if action is None or action.tenant != tenant:
+            return _vspc_error(404, f"Async action {action_id} not found", "logical")
+        if action.polls_left > 0:
+            action.polls_left -= 1
+            return self.state._async_running(action_id)
+        return _json_response(200, action.body)
+
+
+def create_app(state: SimulatorState) -> web.Application:
+    """The simulator as an aiohttp application (every path goes through one handler)."""
+    api = _Api(state)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", api.handle)
+    app.on_shutdown.append(api.on_shutdown)
+    return app
+
+
+def _url_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):  # noqa: S104 - reading the bind address, not choosing it
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+@asynccontextmanager
+async def run_simulator(
+    state: SimulatorState,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[str]:
+    """Serves `state` on a real socket; yields the server root, e.g. "http://127.0.0.1:PORT"."""
+    # handler_cancellation: a client that gives up on a "hang" ends that handler.
+    runner = web.AppRunner(create_app(state), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        await site.start()
+        bound_port = runner.addresses[0][1]
+        scheme = "https" if ssl_context is not None else "http"
+        yield f"{scheme}://{_url_host(host)}:{bound_port}"
+    finally:
+        await runner.cleanup()
+
+
+def _config_snippet(url: str, tenants: Sequence[SimTenant]) -> str:
+    blocks = [
+        f'[[tenants]]\nname = "{tenant.name}"\nurl = "{url}"\napi_key = "{tenant.api_key}"\n'
+        f'# or: username = "{tenant.username}"  password = "{tenant.password}"'
+        for tenant in tenants
+    ]
+    return "\n\n".join(blocks)
+
+
+async def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    tenants: int = 3,
+    pairs: int = 5000,
+    seed: int = 0,
+    token_lifetime_s: float = 3600.0,
+    print_fn: Callable[[str], object] = print,
+) -> None:
+    """Serves a generated dataset until cancelled (`syncd simulate`); prints a config snippet.
+
+    The API keys printed are the simulator's own, made up from `seed`.
+    """
+    dataset = make_dataset(tenants=tenants, pairs_per_tenant=pairs, seed=seed)
+    state = SimulatorState(dataset, seed=seed, token_lifetime_s=token_lifetime_s)
+    async with run_simulator(state, host, port) as url:
+        print_fn(f"VSPC simulator serving {tenants} tenant(s) x {pairs} pairs at {url}")
+        for tenant in dataset:
+            print_fn(f"  {tenant.name}: api_key = {tenant.api_key}")
+        print_fn("\nsyncd configuration:\n")
+        print_fn(_config_snippet(url, dataset))
+        await asyncio.Event().wait()
