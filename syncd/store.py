@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from syncd import models
+from syncd import errors, models
 from syncd.paging import Pair
 
 # Advisory lock namespace ("SYNC"); the second key is the tenant's id.
@@ -133,11 +134,16 @@ class RunStore:
         """Appends `pairs` to the staging table with one binary COPY."""
         raw = await self.connection.get_raw_connection()
         driver: Any = raw.driver_connection
-        await driver.copy_records_to_table(
-            STAGING,
-            records=[(job, unique or _NIL, linked) for job, unique, linked in pairs],
-            columns=("job_uid", "unique_job_uid", "linked_job_uid"),
-        )
+        try:
+            await driver.copy_records_to_table(
+                STAGING,
+                records=[(job, unique or _NIL, linked) for job, unique, linked in pairs],
+                columns=("job_uid", "unique_job_uid", "linked_job_uid"),
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            # SQLAlchemy wraps the errors of the statements it runs; COPY goes to the driver
+            # directly, so its errors are translated here.
+            raise errors.DatabaseError(f"COPY into the staging table failed: {exc}") from exc
 
     async def count_removals(self) -> tuple[int, int]:
         """(pairs a complete snapshot would remove, pairs currently present)."""

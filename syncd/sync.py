@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -105,6 +105,15 @@ class _Stager:
             self._buffer = []
 
 
+@contextlib.contextmanager
+def _database_errors(action: str) -> Iterator[None]:
+    """Translates the driver's errors into `errors.DatabaseError` ("try again later")."""
+    try:
+        yield
+    except (OSError, sa.exc.DBAPIError, sa.exc.InterfaceError) as exc:
+        raise errors.DatabaseError(f"{action}: {exc}") from exc
+
+
 def _is_database_failure(exc: BaseException) -> bool:
     return isinstance(
         exc, sa.exc.DBAPIError | sa.exc.InterfaceError | OSError | errors.DatabaseError
@@ -134,14 +143,14 @@ async def _locked_tenant(
     engine: AsyncEngine, tenant_name: str
 ) -> AsyncIterator[tuple[AsyncConnection, store.RunStore] | None]:
     """A connection holding the tenant's advisory lock, or None when another process has it."""
-    try:
+    with _database_errors("cannot reach the database"):
         connection = await engine.connect()
-    except (OSError, sa.exc.DBAPIError) as exc:
-        raise errors.DatabaseError(f"cannot reach the database: {exc}") from exc
     try:
         run_store = store.RunStore(connection, tenant_name)
-        await run_store.ensure_tenant()
-        if not await run_store.try_lock():
+        with _database_errors("cannot take the tenant's lock"):
+            await run_store.ensure_tenant()
+            locked = await run_store.try_lock()
+        if not locked:
             yield None
             return
         try:
@@ -232,10 +241,11 @@ async def sync_tenant(
                 error="busy: another syncd process is syncing this tenant",
             )
         connection, run_store = locked
-        abandoned = await run_store.close_abandoned_runs()
+        with _database_errors("cannot record the run"):
+            abandoned = await run_store.close_abandoned_runs()
+            run_id = await run_store.start_run()
         if abandoned:
             log.warning("closed runs left running by a stopped process", count=abandoned)
-        run_id = await run_store.start_run()
         stager = _Stager(run_store, tenant.name, progress)
         with structlog.contextvars.bound_contextvars(tenant=tenant.name, run_id=run_id):
             try:
