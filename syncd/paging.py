@@ -1,0 +1,351 @@
+"""Paging over VSPC's jobObjects collection as pure logic: plan offsets, check pages, judge.
+
+No I/O here (the requests are sent by `vspc.py`). A snapshot is read with overlapping pages:
+consecutive pages share one position, so an insert or delete between two page fetches shows
+up as a mismatch at the shared position ("drift"). Every page is checked against what was
+asked for (offset echoed, count, total unchanged, every item a valid pair), and the snapshot
+is complete only when every position 0..total-1 was covered by a page that passed.
+
+What one shared position cannot see: an insert and a delete on the same side of a page
+boundary, between the fetches of the two pages, cancel out there. A pair added mid-snapshot
+may then be missed (and one removed mid-snapshot still delivered) until the next snapshot;
+a pair present throughout is never missed without a reported drift.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+
+from syncd import errors
+
+Pair = tuple[str, str | None, str]
+"""(job_uid, unique_job_uid or None, linked_job_uid), lowercase canonical UUID text."""
+
+MAX_PAGE_SIZE = 500  # VSPC's default MaxPageSize, the documented maximum of `limit`
+
+# Sorting on all three fields leaves no ties, so the order of items is total and stable.
+SORT_PARAM: str = orjson.dumps(
+    [
+        {"property": "jobUid", "direction": "ascending"},
+        {"property": "linkedJobUid", "direction": "ascending"},
+        {"property": "uniqueJobUid", "direction": "ascending"},
+    ]
+).decode()
+
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_HEX_DIGITS = str.maketrans("", "", "0123456789abcdef")
+_UUID_LEN = 36
+_HYPHENS = (8, 13, 18, 23)
+_REQUIRED = ("jobUid", "linkedJobUid")
+_VALUE_PREVIEW = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One checked page of the collection.
+
+    `pairs` holds every item of the page in server order, including the item this page
+    shares with the previous one. `has_paging_info` is False when the server sent no
+    `meta.pagingInfo` (allowed on a first page only); `total` is then the item count.
+    """
+
+    offset: int
+    total: int
+    pairs: list[Pair]
+    has_paging_info: bool = True
+
+
+@dataclass(frozen=True)
+class SnapshotOutcome:
+    """How a snapshot went.
+
+    `complete` means every planned page was fetched and checked, and positions 0..total-1
+    are all covered; only then may a consumer treat what it received as the whole set.
+    `items_seen` counts distinct positions covered (the shared items count once).
+    """
+
+    complete: bool
+    total: int | None
+    pages_fetched: int
+    items_seen: int
+    problems: tuple[str, ...]
+
+
+def plan_offsets(total: int, page_size: int, *, overlap: bool = True) -> list[int]:
+    """Offsets to fetch after the first page (offset 0) so that 0..total-1 are covered.
+
+    With `overlap`, pages advance by `page_size - 1` so each shares its first position with
+    the previous page's last; a page size of 1 cannot overlap and advances by 1.
+    """
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, not {page_size}")
+    stride = page_size - 1 if overlap and page_size > 1 else page_size
+    # Page k covers [k*stride, k*stride + page_size): n later pages, the last reaching total.
+    later_pages = max(0, -(-(total - page_size) // stride))
+    return [stride * k for k in range(1, later_pages + 1)]
+
+
+def parse_page(
+    body: bytes, *, tenant: str, offset: int, limit: int, expected_total: int | None
+) -> Page:
+    """Decodes and checks one page; raises `errors.PageProblem` naming tenant, offset, field.
+
+    `expected_total` is the total the first page reported, or None when this IS the first
+    page: the first page may then hold fewer items than asked for (a server whose
+    MaxPageSize is below `limit`), and may lack `meta` altogether. Any later page must
+    echo its offset, report the same total and hold exactly min(limit, total - offset)
+    items. Raises `errors.UnreadablePage` when the body is not JSON at all.
+    """
+    where = f"tenant {tenant!r}, offset {offset}"
+
+    def problem(field_name: str, what: str) -> errors.PageProblem:
+        return errors.PageProblem(
+            f"{where}: {field_name}: {what}", tenant=tenant, offset=offset, field=field_name
+        )
+
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise errors.UnreadablePage(
+            f"{where}: body: not valid JSON, truncated or malformed ({exc})",
+            tenant=tenant,
+            offset=offset,
+            field="body",
+        ) from exc
+    if not isinstance(document, dict):
+        raise problem("body", f"not a JSON object but {type(document).__name__}")
+    server_errors = document.get("errors")
+    if server_errors:
+        raise problem("errors", f"the answer carries errors: {_preview(server_errors)}")
+    data = document.get("data")
+    if not isinstance(data, list):
+        raise problem("data", "missing" if data is None else "not a list")
+    meta = document.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise problem("meta", "not an object")
+    paging_info = meta.get("pagingInfo") if meta is not None else None
+
+    if paging_info is None:
+        if expected_total is not None or offset != 0:
+            raise problem(
+                "meta.pagingInfo",
+                "missing (meta is null): cannot check the offset and total of a later page",
+            )
+        if len(data) > limit:
+            raise problem("data", f"{len(data)} items, more than the limit {limit}")
+        pairs = _pairs(data, problem)
+        return Page(offset=offset, total=len(pairs), pairs=pairs, has_paging_info=False)
+
+    if not isinstance(paging_info, dict):
+        raise problem("meta.pagingInfo", "not an object")
+    total = _count(paging_info, "total", problem)
+    count = _count(paging_info, "count", problem)
+    echoed = _count(paging_info, "offset", problem)
+    if echoed != offset:
+        raise problem("meta.pagingInfo.offset", f"{echoed}, but offset {offset} was asked for")
+    if expected_total is not None and total != expected_total:
+        raise problem("meta.pagingInfo.total", f"{total}, but the first page said {expected_total}")
+    if count != len(data):
+        raise problem("meta.pagingInfo.count", f"{count}, but data holds {len(data)} items")
+    expected_len = max(0, min(limit, total - offset))
+    if expected_total is None:
+        if len(data) > expected_len or (expected_len > 0 and not data):
+            raise problem("data", f"{len(data)} items, expected 1..{expected_len} (total {total})")
+    elif len(data) != expected_len:
+        raise problem(
+            "data",
+            f"{len(data)} items, expected {expected_len} (limit {limit}, total {total})",
+        )
+    return Page(offset=offset, total=total, pairs=_pairs(data, problem))
+
+
+class SnapshotTracker:
+    """The state of one snapshot: plans it from the first page, checks it as pages arrive.
+
+    Keeps only the first and last pair of each page (enough for the overlap check), so
+    memory grows with the number of pages, not items. Pages may be recorded in any order.
+    """
+
+    def __init__(self, *, tenant: str, limit: int) -> None:
+        self.tenant = tenant
+        self.limit = limit
+        self.page_size = limit
+        self.total: int | None = None
+        self._edges: dict[int, _Edges] = {}
+        self._problems: list[str] = []
+
+    def start(self, first: Page) -> list[int]:
+        """Records the first page; returns the offsets still to fetch, with `page_size`."""
+        count = len(first.pairs)
+        if not first.has_paging_info:
+            if count >= self.limit:
+                self._problems.append(
+                    f"tenant {self.tenant!r}, offset 0: meta.pagingInfo: missing (meta is "
+                    f"null) and the page is full ({count} items for limit {self.limit}): "
+                    "cannot tell whether more items exist"
+                )
+                self.record(first)
+                return []
+            self.total = count
+            self.record(first)
+            return []
+        self.total = first.total
+        if 0 < count < min(self.limit, first.total):
+            # The server's MaxPageSize is below what was asked: page at the size it serves.
+            self.page_size = count
+        self.record(first)
+        return plan_offsets(first.total, self.page_size)
+
+    def record(self, page: Page) -> None:
+        """Notes a page that passed `parse_page`."""
+        if page.pairs:
+            self._edges[page.offset] = _Edges(len(page.pairs), page.pairs[0], page.pairs[-1])
+        else:
+            self._edges[page.offset] = _Edges(0, None, None)
+
+    def record_failure(self, reason: str) -> None:
+        """Notes a page that could not be fetched or failed a check (reason names both)."""
+        self._problems.append(reason)
+
+    def outcome(self) -> SnapshotOutcome:
+        """Judges the snapshot from what was recorded."""
+        problems = list(self._problems)
+        items_seen = 0
+        if self.total is not None:
+            items_seen = self._check_coverage(self.total, problems)
+        elif self._edges:
+            items_seen = max(edges.count for edges in self._edges.values())
+        return SnapshotOutcome(
+            complete=self.total is not None and not problems,
+            total=self.total,
+            pages_fetched=len(self._edges),
+            items_seen=items_seen,
+            problems=tuple(problems),
+        )
+
+    def _check_coverage(self, total: int, problems: list[str]) -> int:
+        covered_end = 0
+        seen = 0
+        previous: tuple[int, _Edges] | None = None
+        for offset in sorted(self._edges):
+            edges = self._edges[offset]
+            if offset > covered_end:
+                problems.append(
+                    f"tenant {self.tenant!r}: positions {covered_end}..{offset - 1} of "
+                    f"{total} were not covered by any page that passed"
+                )
+            if previous is not None:
+                previous_offset, previous_edges = previous
+                shared = previous_offset + previous_edges.count - offset
+                if shared == 1 and previous_edges.last != edges.first:
+                    problems.append(
+                        f"tenant {self.tenant!r}: drift between offsets {previous_offset} and "
+                        f"{offset}: the item at position {offset} changed between the two "
+                        "fetches (items were added or removed while paging)"
+                    )
+            end = offset + edges.count
+            seen += max(0, end - max(offset, covered_end))
+            covered_end = max(covered_end, end)
+            previous = (offset, edges)
+        if covered_end < total:
+            problems.append(
+                f"tenant {self.tenant!r}: positions {covered_end}..{total - 1} of {total} "
+                "were not covered by any page that passed"
+            )
+        return seen
+
+
+@dataclass(frozen=True, slots=True)
+class _Edges:
+    count: int
+    first: Pair | None
+    last: Pair | None
+
+
+_ProblemFactory = Callable[[str, str], errors.PageProblem]
+
+
+def _count(paging_info: dict[str, object], key: str, problem: _ProblemFactory) -> int:
+    value = paging_info.get(key)
+    if type(value) is not int or value < 0:
+        raise problem(f"meta.pagingInfo.{key}", f"not a non-negative integer: {_preview(value)}")
+    return value
+
+
+def _pairs(data: list[object], problem: _ProblemFactory) -> list[Pair]:
+    """Pairs of `data`, lowercased; raises the first item problem found.
+
+    The fast path validates each field over all items at once (joined text, C-level string
+    operations: ~3x faster than a regex per field); only when that fails does the slow path
+    walk the items to name the first bad one.
+    """
+    count = len(data)
+    if not count:
+        return []
+    try:
+        jobs = "\n".join([item["jobUid"] for item in data]).lower()  # type: ignore[index]
+        links = "\n".join([item["linkedJobUid"] for item in data]).lower()  # type: ignore[index]
+        uniques: list[str | None] = [item.get("uniqueJobUid") for item in data]  # type: ignore[attr-defined]
+        present = [unique for unique in uniques if unique is not None]
+        unique_text = "\n".join(present).lower()
+    except (KeyError, TypeError, AttributeError):
+        raise _first_bad_item(data, problem) from None
+    if not (
+        _all_uuids(jobs, count)
+        and _all_uuids(links, count)
+        and (not present or _all_uuids(unique_text, len(present)))
+    ):
+        raise _first_bad_item(data, problem)
+    if len(present) == count:
+        return list(zip(jobs.split("\n"), unique_text.split("\n"), links.split("\n"), strict=True))
+    if present:
+        lowered = iter(unique_text.split("\n"))
+        uniques = [None if unique is None else next(lowered) for unique in uniques]
+    return list(zip(jobs.split("\n"), uniques, links.split("\n"), strict=True))
+
+
+def _all_uuids(joined: str, count: int) -> bool:
+    """True when `joined` is exactly `count` lowercase 36-char UUIDs separated by newlines.
+
+    Sound because: the length fixes 37 characters per value; hyphens and newlines sit at
+    their fixed positions and there are no others (the counts match); and deleting the hex
+    digits leaves exactly those hyphens and newlines, so every other character is hex.
+    """
+    stride = _UUID_LEN + 1
+    if len(joined) != stride * count - 1:
+        return False
+    if any(joined[position::stride] != "-" * count for position in _HYPHENS):
+        return False
+    if joined[_UUID_LEN::stride] != "\n" * (count - 1):
+        return False
+    separators = len(_HYPHENS) * count + count - 1
+    return joined.count("-") == len(_HYPHENS) * count and (
+        len(joined.translate(_HEX_DIGITS)) == separators
+    )
+
+
+def _first_bad_item(data: list[object], problem: _ProblemFactory) -> errors.PageProblem:
+    for index, item in enumerate(data):
+        if not isinstance(item, dict):
+            return problem(f"data[{index}]", f"not an object: {_preview(item)}")
+        for key in (*_REQUIRED, "uniqueJobUid"):
+            value = item.get(key)
+            if value is None:
+                if key in _REQUIRED:
+                    return problem(f"data[{index}].{key}", "missing (required)")
+                continue
+            if not isinstance(value, str):
+                return problem(f"data[{index}].{key}", f"not a string: {_preview(value)}")
+            if _UUID_RE.fullmatch(value.lower()) is None:
+                return problem(f"data[{index}].{key}", f"not a UUID: {_preview(value)}")
+    # Unreachable while _all_uuids and this walk agree; kept so a bug cannot pass bad data.
+    return problem("data", "items failed validation")
+
+
+def _preview(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _VALUE_PREVIEW else text[: _VALUE_PREVIEW - 3] + "..."
