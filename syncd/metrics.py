@@ -1,0 +1,134 @@
+"""The daemon's Prometheus metrics, on a registry of its own (never the global default one).
+
+`Metrics` is also the `vspc.RequestObserver` the daemon hands to every client, so HTTP
+request and retry counts land here without the client knowing about Prometheus.
+"""
+
+from __future__ import annotations
+
+import time
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from syncd.sync import SyncResult
+
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+
+# Runs take from well under a second (a small tenant) to many minutes (millions of pairs).
+DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class Metrics:
+    """Every metric `syncd run` exposes on `/metrics`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.sync_runs = Counter(
+            "syncd_sync_runs",
+            "Runs of a tenant's sync, by how they ended.",
+            ["tenant", "status"],
+            registry=registry,
+        )
+        self.sync_duration = Histogram(
+            "syncd_sync_duration_seconds",
+            "Wall-clock time of a tenant's run.",
+            ["tenant"],
+            buckets=DURATION_BUCKETS_S,
+            registry=registry,
+        )
+        self.pairs_current = Gauge(
+            "syncd_pairs_current",
+            "Pairs currently stored for the tenant, after its last applied run.",
+            ["tenant"],
+            registry=registry,
+        )
+        self.pairs_changed = Counter(
+            "syncd_pairs_changed",
+            "Pairs added or removed by the tenant's runs.",
+            ["tenant", "change"],
+            registry=registry,
+        )
+        self.last_success = Gauge(
+            "syncd_last_success_timestamp_seconds",
+            "Unix time at which the tenant's last succeeded run finished.",
+            ["tenant"],
+            registry=registry,
+        )
+        self.consecutive_failures = Gauge(
+            "syncd_consecutive_failures",
+            "Failed runs of the tenant since its last run that did not fail.",
+            ["tenant"],
+            registry=registry,
+        )
+        self.http_requests = Counter(
+            "syncd_http_requests",
+            "Requests sent to VSPC, by HTTP status or transport failure.",
+            ["tenant", "code"],
+            registry=registry,
+        )
+        self.http_retries = Counter(
+            "syncd_http_retries",
+            "Requests to VSPC that will be sent again, by reason.",
+            ["tenant", "reason"],
+            registry=registry,
+        )
+        self.runs_in_progress = Gauge(
+            "syncd_runs_in_progress",
+            "Tenant runs in progress right now.",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "syncd_ready",
+            "1 when the daemon is ready (database reachable, schema at head, scheduler up).",
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "syncd_config_reloads",
+            "Configuration reloads (SIGHUP), by result.",
+            ["result"],
+            registry=registry,
+        )
+
+    # vspc.RequestObserver
+    def request_done(self, tenant: str, code: str) -> None:
+        """Counts a request to VSPC that ended with `code`."""
+        self.http_requests.labels(tenant=tenant, code=code).inc()
+
+    def retry_scheduled(self, tenant: str, reason: str) -> None:
+        """Counts a retry of a request to VSPC."""
+        self.http_retries.labels(tenant=tenant, reason=reason).inc()
+
+    def record_run(self, result: SyncResult, consecutive_failures: int) -> None:
+        """Records the outcome of one run of `result.tenant`."""
+        tenant = result.tenant
+        self.sync_runs.labels(tenant=tenant, status=result.status).inc()
+        self.consecutive_failures.labels(tenant=tenant).set(consecutive_failures)
+        if result.run_id is None:
+            return  # skipped as busy, or the database failed before the run began
+        self.sync_duration.labels(tenant=tenant).observe(result.duration_s)
+        self.pairs_changed.labels(tenant=tenant, change="added").inc(result.added)
+        self.pairs_changed.labels(tenant=tenant, change="removed").inc(result.removed)
+        if result.current_pairs is not None:
+            self.pairs_current.labels(tenant=tenant).set(result.current_pairs)
+        if result.status == "succeeded":
+            self.last_success.labels(tenant=tenant).set(time.time())
+
+    def forget_tenant(self, tenant: str) -> None:
+        """Drops every series of a tenant that left the configuration."""
+        for metric in (
+            self.sync_runs,
+            self.sync_duration,
+            self.pairs_current,
+            self.pairs_changed,
+            self.last_success,
+            self.consecutive_failures,
+            self.http_requests,
+            self.http_retries,
+        ):
+            metric.remove_by_labels({"tenant": tenant})
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text exposition format."""
+        return prometheus_client.generate_latest(self.registry)

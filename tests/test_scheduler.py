@@ -1,0 +1,135 @@
+"""The scheduler's and the daemon's decisions, as pure functions (no loop, no I/O)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import SecretStr
+
+from syncd import config, daemon, scheduler
+
+
+def _tenant(name: str, **settings: object) -> config.Tenant:
+    return config.Tenant(
+        name=name,
+        url="https://vspc.example.com",
+        auth=config.ApiKeyAuth(SecretStr(f"key-of-{name}")),
+        verify_tls=True,
+        ca_file=None,
+        settings=config.SyncSettings.model_validate(settings),
+    )
+
+
+NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("failures", "factor"), [(0, 1.0), (1, 1.0), (2, 2.0), (3, 4.0), (4, 4.0), (1000, 4.0)]
+)
+def test_backoff_keeps_the_schedule_once_then_doubles_up_to_the_cap(
+    failures: int, factor: float
+) -> None:
+    assert scheduler.failure_backoff_factor(failures, max_factor=4.0) == factor
+
+
+def test_backoff_cap_below_two_periods_is_honoured() -> None:
+    assert scheduler.failure_backoff_factor(5, max_factor=1.5) == 1.5
+    assert scheduler.failure_backoff_factor(5, max_factor=1.0) == 1.0
+
+
+def test_next_run_after_failure_moves_a_too_early_run_back() -> None:
+    planned = NOW + timedelta(seconds=60)
+    later = scheduler.next_run_after_failure(
+        planned=planned, finished_at=NOW, period_s=60, consecutive_failures=3, max_factor=4
+    )
+    assert later == NOW + timedelta(seconds=240)
+
+
+def test_next_run_after_failure_keeps_the_schedule_after_one_failure_or_a_later_run() -> None:
+    def after(planned: datetime | None, failures: int) -> datetime | None:
+        return scheduler.next_run_after_failure(
+            planned=planned,
+            finished_at=NOW,
+            period_s=60.0,
+            consecutive_failures=failures,
+            max_factor=4.0,
+        )
+
+    assert after(NOW + timedelta(seconds=60), 1) is None
+    assert after(NOW + timedelta(hours=1), 3) is None
+    assert after(None, 2) == NOW + timedelta(seconds=120)
+
+
+def test_stagger_spreads_first_runs_evenly_within_the_spread() -> None:
+    offsets = scheduler.stagger_offsets_s(4, 10.0)
+    assert offsets == [0.0, 2.5, 5.0, 7.5]
+    assert scheduler.stagger_offsets_s(0, 10.0) == []
+    assert scheduler.stagger_offsets_s(1, 10.0) == [0.0]
+
+
+def test_jitter_and_misfire_grace_scale_with_the_period_within_bounds() -> None:
+    assert scheduler.jitter_s(2.0) == pytest.approx(0.2)
+    assert scheduler.jitter_s(86_400.0) == 60.0
+    assert scheduler.misfire_grace_s(0.5) == 1.0
+    assert scheduler.misfire_grace_s(120.0) == 60.0
+    assert scheduler.misfire_grace_s(86_400.0) == 600.0
+
+
+def test_plan_reload_sorts_tenants_into_added_removed_changed_unchanged() -> None:
+    current = {name: _tenant(name) for name in ("a", "b", "c")}
+    new = [_tenant("b"), _tenant("c", interval="5m"), _tenant("d")]
+    plan = scheduler.plan_reload(current, new)
+    assert plan == scheduler.ReloadPlan(
+        added=("d",), removed=("a",), changed=("c",), unchanged=("b",)
+    )
+
+
+def test_plan_reload_sees_a_changed_secret() -> None:
+    current = {"a": _tenant("a")}
+    rotated = config.Tenant(
+        **{**current["a"].__dict__, "auth": config.ApiKeyAuth(SecretStr("rotated"))}
+    )
+    assert scheduler.plan_reload(current, [rotated]).changed == ("a",)
+
+
+def test_interval_trigger_period_and_jitter() -> None:
+    trigger, period_s = scheduler.make_trigger(config.SyncSettings(interval="15m"), NOW)
+    assert period_s == 900.0
+    assert trigger.jitter == 60.0
+    assert scheduler.schedule_text(config.SyncSettings(interval="15m")) == "every 900s"
+
+
+def test_cron_trigger_period_is_the_gap_between_ticks() -> None:
+    settings = config.SyncSettings(cron="*/15 * * * *")
+    trigger, period_s = scheduler.make_trigger(settings, NOW)
+    assert period_s == 900.0
+    assert trigger.jitter == 60.0
+    assert scheduler.schedule_text(settings) == "cron */15 * * * *"
+
+
+@pytest.mark.parametrize(
+    ("failures", "delay_s"), [(0, 15.0), (1, 0.5), (2, 1.0), (4, 4.0), (10, 30.0), (10**6, 30.0)]
+)
+def test_database_recheck_backs_off_to_a_cap(failures: int, delay_s: float) -> None:
+    assert daemon.database_recheck_s(failures) == delay_s
+
+
+def _config(**sections: object) -> config.Config:
+    return config.validate_config(sections, environ={})
+
+
+def test_restart_needed_names_settings_that_cannot_change_live() -> None:
+    running = _config(database={"url": "postgresql://u@h/a"})
+    new = _config(
+        database={"url": "postgresql://u@h/b", "pool_size": 3},
+        daemon={"listen": "127.0.0.1:1", "max_concurrent_tenants": 2, "shutdown_grace": "1s"},
+    )
+    assert daemon.restart_needed(running, new, listen_overridden=False) == [
+        "database.url",
+        "database.pool_size",
+        "daemon.listen",
+        "daemon.max_concurrent_tenants",
+    ]
+    assert "daemon.listen" not in daemon.restart_needed(running, new, listen_overridden=True)
+    assert daemon.restart_needed(running, running, listen_overridden=False) == []
