@@ -66,20 +66,34 @@ class ApiError(TenantError):
 
 
 def cause_chain(exc: BaseException) -> list[str]:
-    """The messages of `exc` and of every exception that caused it, outermost first."""
-    messages: list[str] = []
+    """The messages of `exc` and of every exception that caused it, outermost first.
+
+    SQLAlchemy's statement errors are left out when their cause is known: their text is
+    the cause's message followed by the whole SQL statement and its parameters, which
+    buries the one line an operator needs (and the statement lands in `sync_runs.error`).
+    A message that the next one only repeats (or extends, e.g. with a HINT) is shown once,
+    as the innermost, most specific one: a driver error re-wrapped.
+    """
+    entries: list[tuple[str, str]] = []  # (type prefix or "", text)
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        text = str(current) or type(current).__name__
-        messages.append(
-            text if isinstance(current, SyncdError) else f"{type(current).__name__}: {text}"
-        )
-        current = current.__cause__ or (
-            None if current.__suppress_context__ else current.__context__
-        )
-    return messages
+        cause = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+        if not (cause is not None and _is_sql_statement_error(current)):
+            text = str(current) or type(current).__name__
+            prefix = "" if isinstance(current, SyncdError) else f"{type(current).__name__}: "
+            if entries and entries[-1][0] and prefix and text.startswith(entries[-1][1]):
+                entries[-1] = (prefix, text)
+            else:
+                entries.append((prefix, text))
+        current = cause
+    return [prefix + text for prefix, text in entries]
+
+
+def _is_sql_statement_error(exc: BaseException) -> bool:
+    # Duck-typed: sqlalchemy.exc.StatementError, without importing SQLAlchemy here.
+    return hasattr(exc, "statement") and hasattr(exc, "orig") and hasattr(exc, "params")
 
 
 class PageProblem(TenantError):

@@ -158,11 +158,35 @@ async def _locked_tenant(
         finally:
             with contextlib.suppress(Exception):
                 await connection.rollback()
-                await run_store.drop_staging()
+                await run_store.clear_staging()
                 await run_store.unlock()
     finally:
         with contextlib.suppress(Exception):
             await connection.close()
+
+
+async def _apply_guarded(
+    run_store: store.RunStore, stager: _Stager, settings: config.SyncSettings
+) -> tuple[store.ApplyResult, str | None]:
+    """Applies a complete snapshot under the mass-delete guard; (result, verdict).
+
+    Applies first and judges after, inside a savepoint: in the usual case (the guard lets
+    the removals through) the diff runs once, with no counting pass before it. When the
+    guard trips, the savepoint is rolled back and the snapshot applied again, adds only.
+    """
+    savepoint = await run_store.connection.begin_nested()
+    applied = await run_store.apply(remove_absent=True)
+    verdict = mass_delete_verdict(
+        removals=applied.removed,
+        current=applied.present_before,
+        snapshot_empty=stager.pairs == 0,
+        settings=settings,
+    )
+    if verdict is None:
+        await savepoint.commit()
+        return applied, None
+    await savepoint.rollback()
+    return await run_store.apply(remove_absent=False), verdict
 
 
 async def _apply_snapshot(
@@ -174,20 +198,14 @@ async def _apply_snapshot(
 ) -> tuple[Status, int, int, int, str | None, int]:
     """Applies the staged snapshot; (status, seen, added, removed, error, current pairs)."""
     if outcome.complete:
-        removals, current = await run_store.count_removals()
-        verdict = None
-        if not allow_mass_delete:
-            verdict = mass_delete_verdict(
-                removals=removals,
-                current=current,
-                snapshot_empty=stager.pairs == 0,
-                settings=settings,
-            )
-        added, removed = await run_store.apply(remove_absent=verdict is None)
+        if allow_mass_delete:
+            applied, verdict = await run_store.apply(remove_absent=True), None
+        else:
+            applied, verdict = await _apply_guarded(run_store, stager, settings)
         if verdict is None:
             status: Status = "succeeded"
             error = None
-            seen = current + added - removed
+            seen = applied.present_before + applied.added - applied.removed
         else:
             status = "partial"
             error = (
@@ -197,11 +215,11 @@ async def _apply_snapshot(
             )
             seen = await run_store.distinct_staged()
     else:
-        await run_store.count_removals()  # ANALYZEs staging for the insert's plan
-        added, removed = await run_store.apply(remove_absent=False)
+        applied = await run_store.apply(remove_absent=False)
         status = "partial"
         error = "incomplete snapshot, removals withheld: " + "; ".join(outcome.problems)
         seen = await run_store.distinct_staged()
+    added, removed = applied.added, applied.removed
     current_after = await run_store.finish_run(
         status=status,
         pages_fetched=stager.pages,

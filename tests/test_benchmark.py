@@ -1,0 +1,93 @@
+"""The benchmark script runs end to end at a tiny size and reports every phase and figure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PHASES = ("parse", "fetch", "fetch_copy", "initial", "noop", "churn")
+FIGURES = (
+    "seconds",
+    "pairs",
+    "pairs_per_s",
+    "ratio_to_fetch_copy",
+    "syncd_cpu_s",
+    "pg_cpu_s",
+    "simulator_cpu_s",
+    "baseline_rss_mb",
+    "peak_rss_mb",
+    "rows_written",
+    "wal_bytes",
+    "runs",
+)
+
+
+@pytest.mark.slow
+def test_benchmark_reports_every_phase_and_figure(pg_server_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.sync",
+            "--tenants=2",
+            "--pairs-per-tenant=200",
+            "--repeat=1",
+            "--bloat-rounds=1",
+            f"--json={out}",
+        ],
+        env={**os.environ, "SYNCD_BENCH_DATABASE_URL": pg_server_url},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "initial sync" in result.stdout and "targets" in result.stdout
+
+    report = orjson.loads(out.read_bytes())
+    assert report["setup"]["pairs"] == 400
+    assert set(report["phases"]) == set(PHASES)
+    for phase in PHASES:
+        figures = report["phases"][phase]
+        missing = [name for name in FIGURES if name not in figures]
+        assert not missing, f"{phase} lacks {missing}"
+        assert figures["pairs"] == 400
+        assert set(figures["rows_written"]) == {"links", "runs", "tenants"}
+        assert len(figures["runs"]) == 1
+    assert report["phases"]["parse"]["parse_cpu_s"] >= 0
+    initial, noop, churn = (report["phases"][p] for p in ("initial", "noop", "churn"))
+    # The exact copy's write pattern: everything once, then nothing, then only the changes.
+    assert initial["rows_written"]["links"] == initial["added"] == 400
+    assert noop["rows_written"]["links"] == noop["added"] == noop["removed"] == 0
+    assert churn["added"] == churn["removed"] == 4
+    assert churn["rows_written"]["links"] == 8
+    assert {target["target"] for target in report["targets"]} >= {
+        "initial / fetch_copy",
+        "noop / fetch_copy",
+        "churn / fetch_copy",
+        "noop WAL",
+        "peak RSS of syncd (sync phases)",
+    }
+    bloat = report["bloat"]
+    assert bloat["rounds"] == 1
+    for state in ("before", "after", "after_vacuum"):
+        assert {"heap_bytes", "total_bytes", "indexes", "rows", "n_dead_tup"} <= set(bloat[state])
+    assert not asyncio.run(_database_exists(pg_server_url, report["setup"]["database"]))
+
+
+async def _database_exists(server_url: str, name: str) -> bool:
+    connection = await asyncpg.connect(server_url)
+    try:
+        return bool(await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await connection.close()
