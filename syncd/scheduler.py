@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import sqlalchemy as sa
 import structlog
 from apscheduler.job import Job
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -40,8 +39,6 @@ MISFIRE_GRACE_MIN_S = 1.0
 MISFIRE_GRACE_MAX_S = 600.0
 # Waiting for runs that were cancelled at shutdown to record themselves as interrupted.
 CANCEL_WAIT_S = 10.0
-# How sync.py words a failed result that the database caused, not the tenant.
-DATABASE_FAILURE_PREFIX = "database failure:"
 
 SyncFunction = Callable[[config.Tenant], Awaitable[SyncResult]]
 
@@ -357,9 +354,8 @@ class TenantScheduler:
         """(result, whether it counts as the tenant's own failure) of one run."""
         try:
             result = await self._sync(tenant)
-        except (errors.DatabaseError, sa.exc.DBAPIError, OSError) as exc:
+        except errors.DatabaseError as exc:
             # The database's trouble, not the tenant's: no backoff, but re-check readiness.
-            # (A statement failing before the run is recorded escapes sync_tenant untranslated.)
             self._on_database_error()
             log.error("run failed: database unreachable", error=str(exc))
             return SyncResult(tenant=tenant.name, status="failed", error=str(exc)), False
@@ -377,7 +373,7 @@ class TenantScheduler:
             log.exception("run crashed")
             error = f"internal error: {exc!r}"
             return SyncResult(tenant=tenant.name, status="failed", error=error), True
-        if result.status == "failed" and (result.error or "").startswith(DATABASE_FAILURE_PREFIX):
+        if result.database_failure:
             self._on_database_error()
             return result, False
         return result, result.status == "failed"

@@ -48,6 +48,8 @@ class SyncResult:
     duration_s: float = 0.0
     error: str | None = None
     current_pairs: int | None = None
+    # The database failed, not the tenant: a scheduler retries soon rather than backing off.
+    database_failure: bool = False
 
 
 class ProgressSink(Protocol):
@@ -263,7 +265,11 @@ async def sync_tenant(
             abandoned = await run_store.close_abandoned_runs()
             run_id = await run_store.start_run()
         if abandoned:
-            log.warning("closed runs left running by a stopped process", count=abandoned)
+            log.warning(
+                "closed runs left running by a stopped process",
+                tenant=tenant.name,
+                count=abandoned,
+            )
         stager = _Stager(run_store, tenant.name, progress)
         with structlog.contextvars.bound_contextvars(tenant=tenant.name, run_id=run_id):
             try:
@@ -309,6 +315,7 @@ async def sync_tenant(
                     pages_fetched=stager.pages,
                     duration_s=time.monotonic() - started,
                     error=message,
+                    database_failure=True,
                 )
             result = SyncResult(
                 tenant=tenant.name,
