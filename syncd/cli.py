@@ -89,7 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply removals even when they exceed max_delete_fraction",
     )
 
-    commands.add_parser("run", help="run as a daemon: sync every tenant on its schedule")
+    run = commands.add_parser("run", help="run as a daemon: sync every tenant on its schedule")
+    run.add_argument(
+        "--listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="address of /healthz, /readyz, /metrics, /status (default: [daemon] listen)",
+    )
 
     check = commands.add_parser(
         "check", help="validate the config and try each tenant's credentials and first page"
@@ -107,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="sync the bundled simulator into an embedded PostgreSQL and show the result"
     )
-    demo.add_argument("--pairs", type=int, default=2000, help="pairs per simulated tenant")
+    demo.add_argument("--pairs", type=int, default=1000, help="pairs per simulated tenant")
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep the embedded PostgreSQL (and the simulator) up after the demo, until Ctrl-C",
+    )
 
     simulate = commands.add_parser("simulate", help="serve the bundled VSPC simulator")
     simulate.add_argument("--host", default="127.0.0.1")
@@ -300,7 +311,13 @@ async def _dispatch(args: argparse.Namespace, scrubber: logs.SecretScrubber) -> 
     if args.command == "run":
         from syncd import daemon
 
-        return await daemon.run_daemon(cfg, data_dir=args.data_dir, config_path=cfg.path)
+        return await daemon.run_daemon(
+            cfg,
+            data_dir=args.data_dir,
+            config_path=cfg.path,
+            listen=args.listen,
+            scrubber=scrubber,
+        )
     from syncd import ops
 
     if args.command == "check":

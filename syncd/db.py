@@ -76,7 +76,8 @@ async def open_engine(
             "timeout": connect_timeout_s,
             "server_settings": {
                 "application_name": application_name,
-                "statement_timeout": str(int(statement_timeout_s * 1000)),
+                # At least 1 ms: PostgreSQL reads 0 as "no timeout at all".
+                "statement_timeout": str(max(1, round(statement_timeout_s * 1000))),
             },
         },
     )

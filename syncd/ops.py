@@ -1,0 +1,413 @@
+"""Operator commands: `syncd check`, `syncd status` and `syncd grant-reader`.
+
+`check` talks to VSPC only (no database); `status` and `grant-reader` talk to the database
+only. Each `cmd_*` returns the command's exit code; errors the operator must act on are
+raised as `errors.SyncdError` subclasses, which the CLI prints and turns into exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import sqlalchemy as sa
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from syncd import cli, config, db, errors, models, vspc
+
+EngineOpener = Callable[
+    [config.Config, Path | None], contextlib.AbstractAsyncContextManager[AsyncEngine]
+]
+
+# `check` is interactive: a dead server should be reported in seconds, not after the full
+# retry budget a scheduled sync deserves.
+CHECK_MAX_RETRIES = 1
+CHECK_BACKOFF_MAX_S = 2.0
+
+
+def _console() -> Console:
+    # Piped output (CI logs, `| less`) gets a wide console rather than rich's 80 columns.
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+# --- check ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What `syncd check` found for one tenant."""
+
+    tenant: str
+    auth_method: str
+    reachable: str
+    tls: str
+    page_ok: bool
+    total_pairs: int | None = None
+    problem: str | None = None
+    hint: str | None = None
+
+
+def _tls_in_use(tenant: config.Tenant) -> str:
+    if not tenant.url.lower().startswith("https://"):
+        return "none (http)"
+    if not tenant.verify_tls:
+        return "not verified (verify_tls = false)"
+    return "verified (ca_file)" if tenant.ca_file is not None else "verified"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _diagnose(tenant: config.Tenant, exc: errors.TenantError) -> CheckResult:
+    """Turns the client's exception into table cells and, where its message lacks one, a hint."""
+    causes = _causes(exc)
+    tls = _tls_in_use(tenant)
+    base = CheckResult(
+        tenant=tenant.name,
+        auth_method=tenant.auth.method,
+        reachable="yes",
+        tls=tls,
+        page_ok=False,
+        problem=str(exc),
+    )
+    if isinstance(exc, errors.TransportError):
+        connected = any(isinstance(cause, aiohttp.ClientSSLError) for cause in causes)
+        return dataclasses.replace(base, reachable="yes" if connected else "-", tls="FAILED")
+    retryable = next((c for c in causes if isinstance(c, errors.RetryableError)), None)
+    if retryable is not None and retryable.reason == "connection_error":
+        if any(isinstance(cause, aiohttp.ClientConnectorDNSError) for cause in causes):
+            hint = "the host name in url does not resolve: check its spelling and your DNS"
+        elif any(isinstance(cause, ConnectionRefusedError) for cause in causes):
+            hint = (
+                "nothing listens at that host and port: check the port in url (VSPC's REST "
+                "API listens on 1280 by default) and that VSPC is running"
+            )
+        else:
+            hint = "check the host and port in url, and firewalls between syncd and VSPC"
+        return dataclasses.replace(base, reachable="no", tls="-", hint=hint)
+    if retryable is not None and retryable.reason == "timeout":
+        return dataclasses.replace(
+            base,
+            reachable="no answer",
+            tls="-",
+            hint="check firewalls and proxies; raise request_timeout if VSPC is just slow",
+        )
+    if retryable is not None:
+        return dataclasses.replace(
+            base, hint="VSPC is busy or failing (throttled or a server error): try again later"
+        )
+    if isinstance(exc, errors.AuthError) and isinstance(tenant.auth, config.ApiKeyAuth):
+        return dataclasses.replace(
+            base,
+            hint="check the key given by api_key / api_key_env / api_key_file, and that it "
+            "has not been revoked or expired in VSPC",
+        )
+    if isinstance(exc, errors.AuthError):
+        return dataclasses.replace(
+            base,
+            hint="check username and password; accounts with multi-factor authentication "
+            "need an API key instead",
+        )
+    return base
+
+
+def _quick(tenant: config.Tenant) -> config.Tenant:
+    settings = tenant.settings.model_copy(
+        update={
+            "max_retries": min(tenant.settings.max_retries, CHECK_MAX_RETRIES),
+            "backoff_max_s": min(tenant.settings.backoff_max_s, CHECK_BACKOFF_MAX_S),
+        }
+    )
+    return dataclasses.replace(tenant, settings=settings)
+
+
+async def check_tenant(tenant: config.Tenant) -> CheckResult:
+    """Authenticates as `tenant` and fetches one item of the first page."""
+    try:
+        async with vspc.open_client(_quick(tenant)) as client:
+            page = await client.fetch_first_page(limit=1)
+    except errors.TenantError as exc:
+        return _diagnose(tenant, exc)
+    return CheckResult(
+        tenant=tenant.name,
+        auth_method=tenant.auth.method,
+        reachable="yes",
+        tls=_tls_in_use(tenant),
+        page_ok=True,
+        total_pairs=page.total,
+    )
+
+
+async def check_tenants(
+    tenants: Sequence[config.Tenant], *, max_concurrent: int
+) -> list[CheckResult]:
+    """`check_tenant` for each tenant, at most `max_concurrent` at once, in the given order."""
+    limit = asyncio.Semaphore(max_concurrent)
+
+    async def one(tenant: config.Tenant) -> CheckResult:
+        async with limit:
+            return await check_tenant(tenant)
+
+    return list(await asyncio.gather(*(one(tenant) for tenant in tenants)))
+
+
+def check_table(results: Sequence[CheckResult]) -> Table:
+    """The table `syncd check` prints."""
+    table = Table(title="syncd check")
+    for column in ("tenant", "auth", "server reachable", "TLS", "first page", "total pairs"):
+        table.add_column(column)
+    for result in results:
+        table.add_row(
+            escape(result.tenant),
+            result.auth_method,
+            result.reachable,
+            result.tls,
+            "OK" if result.page_ok else "[red]FAILED[/]",
+            "" if result.total_pairs is None else str(result.total_pairs),
+        )
+    return table
+
+
+async def cmd_check(args: argparse.Namespace, cfg: config.Config) -> int:
+    """`syncd check`: 0 when every (selected) tenant authenticated and served a page, else 1."""
+    tenants = cli.select_tenants(cfg, args.tenant)
+    if not tenants:
+        raise cli.UsageError("no tenants configured: add [[tenants]] to the config file")
+    console = _console()
+    where = f"{cfg.path}" if cfg.path is not None else "the configuration"
+    console.print(f"{escape(where)}: valid, {len(cfg.tenants)} tenant(s)", highlight=False)
+    results = await check_tenants(tenants, max_concurrent=cfg.daemon.max_concurrent_tenants)
+    console.print(check_table(results))
+    failed = [result for result in results if not result.page_ok]
+    for result in failed:
+        # soft_wrap: a long message stays one line, for grep and for the terminal to wrap.
+        console.print(
+            f"[bold red]{escape(result.tenant)}[/]: {escape(result.problem or '')}",
+            soft_wrap=True,
+        )
+        if result.hint:
+            console.print(f"  hint: {escape(result.hint)}", highlight=False, soft_wrap=True)
+    console.print(f"{len(results) - len(failed)} of {len(results)} tenant(s) passed")
+    return cli.EXIT_OK if not failed else cli.EXIT_FAILED
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TenantStatus:
+    """One row of `syncd status`: a tenant in the config, the database, or both."""
+
+    tenant: str
+    configured: bool
+    last_run_at: datetime | None
+    last_status: str | None
+    last_success_at: datetime | None
+    age_s: float | None
+    pairs: int | None
+
+    @property
+    def ok(self) -> bool:
+        """Last run succeeded (or one is running after an earlier success)."""
+        return self.last_success_at is not None and self.last_status in ("succeeded", "running")
+
+    def as_json(self) -> dict[str, Any]:
+        """A JSON-ready dict; timestamps in ISO 8601, UTC."""
+        return {
+            "tenant": self.tenant,
+            "configured": self.configured,
+            "last_run_at": _iso(self.last_run_at),
+            "last_status": self.last_status,
+            "last_success_at": _iso(self.last_success_at),
+            "age_s": None if self.age_s is None else round(self.age_s, 3),
+            "pairs": self.pairs,
+            "ok": self.ok,
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
+async def read_status(engine: AsyncEngine, configured: Sequence[str]) -> list[TenantStatus]:
+    """Every configured tenant, then every other tenant the database holds (its data stays)."""
+    try:
+        async with engine.connect() as connection:
+            rows = (
+                await connection.execute(
+                    sa.text(
+                        "SELECT tenant, last_run_at, last_status, last_success_at, "
+                        "current_pairs, now() FROM syncd.tenant_status ORDER BY tenant"
+                    )
+                )
+            ).all()
+    except (OSError, sa.exc.DBAPIError) as exc:
+        raise errors.DatabaseError(f"cannot read syncd.tenant_status: {exc}") from exc
+    stored = {row[0]: row for row in rows}
+    names = list(dict.fromkeys(configured)) + [name for name in stored if name not in configured]
+    statuses = []
+    for name in names:
+        row = stored.get(name)
+        if row is None:
+            statuses.append(TenantStatus(name, True, None, None, None, None, None))
+            continue
+        _, last_run_at, last_status, last_success_at, pairs, now = row
+        age_s = None if last_success_at is None else (now - last_success_at).total_seconds()
+        statuses.append(
+            TenantStatus(
+                tenant=name,
+                configured=name in configured,
+                last_run_at=last_run_at,
+                last_status=last_status,
+                last_success_at=last_success_at,
+                age_s=age_s,
+                pairs=int(pairs),
+            )
+        )
+    return statuses
+
+
+def format_age(seconds: float | None) -> str:
+    """ "45s", "12m 5s", "3h 5m", "2d 4h" (the two largest units), or "" for None."""
+    if seconds is None:
+        return ""
+    whole = max(0, int(seconds))
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= size or (unit == "s" and not parts):
+            parts.append(f"{whole // size}{unit}")
+            whole %= size
+    return " ".join(parts[:2])
+
+
+def _when(value: datetime | None) -> str:
+    return "" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def status_table(statuses: Sequence[TenantStatus]) -> Table:
+    """The table `syncd status` prints."""
+    table = Table(title="syncd status")
+    for column in ("tenant", "last run", "status", "last success", "age", "pairs"):
+        table.add_column(column)
+    for status in statuses:
+        name = escape(status.tenant)
+        if not status.configured:
+            name += " [dim](not in config)[/]"
+        shown = status.last_status or "never synced"
+        if status.last_status in ("failed", "partial"):
+            shown = f"[red]{shown}[/]"
+        table.add_row(
+            name,
+            _when(status.last_run_at),
+            shown,
+            _when(status.last_success_at),
+            format_age(status.age_s),
+            "" if status.pairs is None else str(status.pairs),
+        )
+    return table
+
+
+async def cmd_status(
+    args: argparse.Namespace, cfg: config.Config, open_engine: EngineOpener
+) -> int:
+    """`syncd status`: 0 when every configured tenant's last run succeeded, else 1."""
+    async with open_engine(cfg, args.data_dir) as engine:
+        await db.require_schema_at_head(engine)
+        statuses = await read_status(engine, [tenant.name for tenant in cfg.tenants])
+    ok = all(status.ok for status in statuses if status.configured)
+    if args.json:
+        document = {"ok": ok, "tenants": [status.as_json() for status in statuses]}
+        print(json.dumps(document, indent=2))
+    else:
+        console = _console()
+        console.print(status_table(statuses))
+        if not statuses:
+            console.print("no tenants configured and none synced yet")
+    return cli.EXIT_OK if ok else cli.EXIT_FAILED
+
+
+# --- grant-reader --------------------------------------------------------------------------
+
+
+class RoleNotFound(errors.SyncdError):
+    """The role `grant-reader` was asked to grant to does not exist."""
+
+
+async def grant_reader(engine: AsyncEngine, role: str) -> list[str]:
+    """Lets `role` connect, use schema syncd and SELECT the reporting views; nothing else.
+
+    The base tables stay out of reach: a view reads them with its owner's rights. Returns
+    the statements run. Raises `RoleNotFound` when `role` does not exist.
+    """
+    async with engine.begin() as connection:
+        exists = await connection.scalar(
+            sa.text("SELECT 1 FROM pg_roles WHERE rolname = :role"), {"role": role}
+        )
+        if not exists:
+            similar = await connection.scalar(
+                sa.text("SELECT rolname FROM pg_roles WHERE lower(rolname) = lower(:role)"),
+                {"role": role},
+            )
+            quote = connection.dialect.identifier_preparer.quote_identifier
+            hint = (
+                f" (there is {similar!r}: PostgreSQL folds unquoted names to lower case)"
+                if similar
+                else f"; create it first, e.g. CREATE ROLE {quote(role)} LOGIN PASSWORD '...'"
+            )
+            raise RoleNotFound(f"role {role!r} does not exist{hint}")
+        # Identifiers cannot be bind parameters: quote them, and send the statements as they
+        # are (exec_driver_sql), because sa.text would read ":name" inside a quoted role name
+        # as a bind parameter.
+        quote = connection.dialect.identifier_preparer.quote_identifier
+        database = await connection.scalar(sa.text("SELECT current_database()"))
+        grantee = quote(role)
+        views = ", ".join(
+            f"{quote(models.SCHEMA)}.{quote(view)}" for view in models.REPORTING_VIEWS
+        )
+        statements = [
+            f"GRANT CONNECT ON DATABASE {quote(str(database))} TO {grantee}",
+            f"GRANT USAGE ON SCHEMA {quote(models.SCHEMA)} TO {grantee}",
+            f"GRANT SELECT ON {views} TO {grantee}",
+        ]
+        for statement in statements:
+            await connection.exec_driver_sql(statement)
+    return statements
+
+
+async def cmd_grant_reader(
+    args: argparse.Namespace, cfg: config.Config, open_engine: EngineOpener
+) -> int:
+    """`syncd grant-reader ROLE`: 0 when granted; a missing role raises `RoleNotFound`."""
+    async with open_engine(cfg, args.data_dir) as engine:
+        await db.require_schema_at_head(engine)
+        try:
+            statements = await grant_reader(engine, args.role)
+        except (OSError, sa.exc.DBAPIError) as exc:
+            raise errors.DatabaseError(f"cannot grant to role {args.role!r}: {exc}") from exc
+    for statement in statements:
+        print(f"{statement};")
+    print(
+        f"role {args.role!r} may now SELECT {', '.join(models.REPORTING_VIEWS)} in schema "
+        f"{models.SCHEMA}, and nothing else there. Run this again after upgrading syncd: a "
+        "migration that recreates a view drops its grants."
+    )
+    return cli.EXIT_OK
