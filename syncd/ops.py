@@ -20,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import sqlalchemy as sa
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -35,12 +34,6 @@ EngineOpener = Callable[
 # retry budget a scheduled sync deserves.
 CHECK_MAX_RETRIES = 1
 CHECK_BACKOFF_MAX_S = 2.0
-
-
-def _console() -> Console:
-    # Piped output (CI logs, `| less`) gets a wide console rather than rich's 80 columns.
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
 
 
 # --- check ---------------------------------------------------------------------------------
@@ -192,7 +185,7 @@ async def cmd_check(args: argparse.Namespace, cfg: config.Config) -> int:
     tenants = cli.select_tenants(cfg, args.tenant)
     if not tenants:
         raise cli.UsageError("no tenants configured: add [[tenants]] to the config file")
-    console = _console()
+    console = cli.make_console()
     where = f"{cfg.path}" if cfg.path is not None else "the configuration"
     console.print(f"{escape(where)}: valid, {len(cfg.tenants)} tenant(s)", highlight=False)
     results = await check_tenants(tenants, max_concurrent=cfg.daemon.max_concurrent_tenants)
@@ -338,7 +331,7 @@ async def cmd_status(
         document = {"ok": ok, "tenants": [status.as_json() for status in statuses]}
         print(json.dumps(document, indent=2))
     else:
-        console = _console()
+        console = cli.make_console()
         console.print(status_table(statuses))
         if not statuses:
             console.print("no tenants configured and none synced yet")
