@@ -128,6 +128,13 @@ def _check_cron(value: str | None) -> str | None:
 Cron = Annotated[str | None, BeforeValidator(_check_cron)]
 
 
+def _reject_interval_and_cron(data: Any) -> Any:
+    """A schedule is an interval or a crontab, never both at the same level."""
+    if isinstance(data, dict) and "interval" in data and "cron" in data:
+        raise ValueError("give interval or cron, not both")
+    return data
+
+
 class SyncSettings(_Model):
     """How one tenant is synced. `[sync]` gives the defaults; a tenant may override any key."""
 
@@ -147,12 +154,7 @@ class SyncSettings(_Model):
     token_refresh_margin_s: Duration = Field(default=300.0, alias="token_refresh_margin")
     client_version: str = "3.6"
 
-    @model_validator(mode="before")
-    @classmethod
-    def _interval_or_cron(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "interval" in data and "cron" in data:
-            raise ValueError("give interval or cron, not both")
-        return data
+    _interval_or_cron = model_validator(mode="before")(_reject_interval_and_cron)
 
 
 # Keys a tenant may override: every `[sync]` key, by its TOML name.
@@ -269,12 +271,7 @@ class TenantConfig(_Model):
             raise ValueError(f"cannot read CA file {path}: {exc.strerror or exc}") from None
         return path
 
-    @model_validator(mode="before")
-    @classmethod
-    def _interval_or_cron(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "interval" in data and "cron" in data:
-            raise ValueError("give interval or cron, not both")
-        return data
+    _interval_or_cron = model_validator(mode="before")(_reject_interval_and_cron)
 
     @model_validator(mode="after")
     def _one_auth_method(self) -> TenantConfig:

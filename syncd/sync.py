@@ -271,6 +271,20 @@ async def sync_tenant(
                 count=abandoned,
             )
         stager = _Stager(run_store, tenant.name, progress)
+
+        async def failed(message: str, *, database_failure: bool) -> SyncResult:
+            await _record_failure(engine, connection, run_id, message, stager.pages)
+            log.error("sync failed", error=message)
+            return SyncResult(
+                tenant=tenant.name,
+                status="failed",
+                run_id=run_id,
+                pages_fetched=stager.pages,
+                duration_s=time.monotonic() - started,
+                error=message,
+                database_failure=database_failure,
+            )
+
         with structlog.contextvars.bound_contextvars(tenant=tenant.name, run_id=run_id):
             try:
                 await run_store.create_staging()
@@ -282,17 +296,7 @@ async def sync_tenant(
                 )
                 await connection.commit()
             except errors.TenantError as exc:
-                message = "; ".join(errors.cause_chain(exc))
-                await _record_failure(engine, connection, run_id, message, stager.pages)
-                log.error("sync failed", error=message)
-                return SyncResult(
-                    tenant=tenant.name,
-                    status="failed",
-                    run_id=run_id,
-                    pages_fetched=stager.pages,
-                    duration_s=time.monotonic() - started,
-                    error=message,
-                )
+                return await failed("; ".join(errors.cause_chain(exc)), database_failure=False)
             except asyncio.CancelledError:
                 await _record_failure(
                     engine, connection, run_id, "interrupted: syncd was stopped", stager.pages
@@ -306,17 +310,7 @@ async def sync_tenant(
                     )
                     raise
                 message = "database failure: " + "; ".join(errors.cause_chain(exc))
-                await _record_failure(engine, connection, run_id, message, stager.pages)
-                log.error("sync failed", error=message)
-                return SyncResult(
-                    tenant=tenant.name,
-                    status="failed",
-                    run_id=run_id,
-                    pages_fetched=stager.pages,
-                    duration_s=time.monotonic() - started,
-                    error=message,
-                    database_failure=True,
-                )
+                return await failed(message, database_failure=True)
             result = SyncResult(
                 tenant=tenant.name,
                 status=status,
