@@ -132,12 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_config(args: argparse.Namespace) -> config.Config:
     path = config.find_config_path(args.config)
     loaded = config.load_config(path)
-    if loaded.secrets() and config.loosely_readable(path):
-        log.warning(
-            "the config file is readable by other users and syncd holds secrets: "
-            "keep secrets in api_key_file/password_file or the environment, or chmod 600 it",
-            path=str(path),
-        )
+    for secret_file in loaded.secret_files:
+        if not config.loosely_readable(secret_file):
+            continue
+        if secret_file == path:
+            log.warning(
+                "the config file is readable by other users and syncd holds secrets in it: "
+                "chmod 600 it, or move them to api_key_file/password_file or the environment",
+                path=str(path),
+            )
+        else:
+            log.warning(
+                f"secret file {secret_file} is readable by other users: chmod 600 it",
+                path=str(secret_file),
+            )
     return loaded
 
 

@@ -352,6 +352,9 @@ class Config:
     daemon: DaemonConfig
     tenants: tuple[Tenant, ...]
     path: Path | None = None
+    # Files whose contents include a secret: the config file itself when it holds one
+    # inline, and every *_file a tenant names. Others must not be able to read them.
+    secret_files: tuple[Path, ...] = ()
 
     def tenant(self, name: str) -> Tenant:
         """The tenant called `name`; KeyError when there is none."""
@@ -462,6 +465,7 @@ def validate_config(
 ) -> Config:
     """Validates parsed TOML into a `Config`; raises `ConfigError` listing every problem."""
     environ = os.environ if environ is None else environ
+    file_data = data
     data = dict(data)
     problems = _duplicate_tenant_names(data)
     override_url = environ.get(DATABASE_URL_ENV)
@@ -484,7 +488,23 @@ def validate_config(
         daemon=raw.daemon,
         tenants=tuple(_resolve_tenant(raw.sync, tenant) for tenant in raw.tenants),
         path=path,
+        secret_files=_secret_files(file_data, base_dir or Path.cwd(), path),
     )
+
+
+def _secret_files(data: Mapping[str, Any], base_dir: Path, path: Path | None) -> tuple[Path, ...]:
+    """The config file if it holds a secret inline, then every secret file it names."""
+    tenants = [t for t in data.get("tenants") or [] if isinstance(t, dict)]
+    database_url = (data.get("database") or {}).get("url")
+    inline = any("api_key" in t or "password" in t for t in tenants) or bool(
+        isinstance(database_url, str) and "://" in database_url and URL(database_url).password
+    )
+    files = [path] if inline and path is not None else []
+    for tenant in tenants:
+        for key in ("api_key_file", "password_file"):
+            if isinstance(tenant.get(key), str):
+                files.append(base_dir / Path(tenant[key]).expanduser())
+    return tuple(files)
 
 
 def find_config_path(explicit: Path | None, environ: Mapping[str, str] | None = None) -> Path:

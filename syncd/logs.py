@@ -112,4 +112,7 @@ def configure(
     root.setLevel(level.upper())
     # aiohttp's access log and asyncio's debug chatter are noise at INFO.
     logging.getLogger("aiohttp.access").setLevel(max(logging.WARNING, root.level))
+    # Alembic narrates every schema check ("Context impl PostgresqlImpl", "Will assume
+    # transactional DDL"); syncd reports the outcome itself.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
     return scrubber

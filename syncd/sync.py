@@ -113,7 +113,7 @@ def _database_errors(action: str) -> Iterator[None]:
     try:
         yield
     except (OSError, sa.exc.DBAPIError, sa.exc.InterfaceError) as exc:
-        raise errors.DatabaseError(f"{action}: {exc}") from exc
+        raise errors.DatabaseError(f"{action}: {'; '.join(errors.cause_chain(exc))}") from exc
 
 
 def _is_database_failure(exc: BaseException) -> bool:

@@ -239,3 +239,19 @@ def test_frozen() -> None:
     cfg = config.validate_config({"tenants": [KEY_TENANT]}, environ={})
     with pytest.raises(Exception, match="frozen"):
         cfg.tenants[0].settings.page_size = 3  # type: ignore[misc]
+
+
+def test_secret_files_are_the_ones_holding_secrets(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("file-secret-value")
+    inline = tmp_path / "inline.toml"
+    inline.write_text('[[tenants]]\nname = "a"\nurl = "https://h"\napi_key = "inline-key"\n')
+    by_file = tmp_path / "by-file.toml"
+    by_file.write_text('[[tenants]]\nname = "a"\nurl = "https://h"\napi_key_file = "key"\n')
+    by_env = tmp_path / "by-env.toml"
+    by_env.write_text(
+        '[database]\nurl = "postgresql://u@db/syncd"\n'
+        '[[tenants]]\nname = "a"\nurl = "https://h"\napi_key_env = "K"\n'
+    )
+    assert config.load_config(inline, environ={}).secret_files == (inline,)
+    assert config.load_config(by_file, environ={}).secret_files == (tmp_path / "key",)
+    assert config.load_config(by_env, environ={"K": "env-key"}).secret_files == ()

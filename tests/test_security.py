@@ -228,7 +228,7 @@ async def test_tls_is_verified_by_default_and_turning_it_off_is_loud(
     assert await current_pairs(engine, "tenant-1") == expected_pairs(tenant)
 
 
-READABLE_WARNING = "the config file is readable by other users and syncd holds secrets"
+READABLE_WARNING = "the config file is readable by other users and syncd holds secrets in it"
 
 
 async def test_a_config_with_secrets_readable_by_others_is_warned_about(
@@ -247,11 +247,6 @@ async def test_a_config_with_secrets_readable_by_others_is_warned_about(
     assert quiet.code == 0 and READABLE_WARNING not in quiet.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cli._load_config warns about any secret, even ones kept in api_key_file "
-    "(the advice it gives), and never about a secret file that others can read",
-)
 async def test_the_readable_warning_is_about_the_file_that_holds_the_secret(
     sim_state: sim.SimulatorState, simulator: str, db_url: str, tmp_path: Path
 ) -> None:
