@@ -232,26 +232,30 @@ class RunStore:
         removed: int,
         error: str | None,
         confirmed: bool,
-    ) -> int:
-        """Closes the run and updates the tenant's bookkeeping; returns current pairs.
+        current_pairs: int,
+    ) -> None:
+        """Closes the run and updates the tenant's bookkeeping.
 
         Runs inside the caller's transaction, so data and run status commit together.
         """
-        current: int = await self._scalar(
-            """
-            UPDATE syncd.tenants
-               SET current_pairs = current_pairs + :added - :removed,
-                   confirmed_run_id = CASE WHEN :confirmed THEN :run_id ELSE confirmed_run_id END,
-                   confirmed_at = CASE WHEN :confirmed THEN :started_at ELSE confirmed_at END
-             WHERE id = :tenant_id
-         RETURNING current_pairs
-            """,
-            added=added,
-            removed=removed,
-            confirmed=confirmed,
-            run_id=self.run_id,
-            started_at=self.started_at,
-            tenant_id=self.tenant_id,
+        await self.connection.execute(
+            sa.text(
+                """
+                UPDATE syncd.tenants
+                   SET current_pairs = :current_pairs,
+                       confirmed_run_id = CASE WHEN :confirmed THEN :run_id
+                                               ELSE confirmed_run_id END,
+                       confirmed_at = CASE WHEN :confirmed THEN :started_at ELSE confirmed_at END
+                 WHERE id = :tenant_id
+                """
+            ),
+            {
+                "current_pairs": current_pairs,
+                "confirmed": confirmed,
+                "run_id": self.run_id,
+                "started_at": self.started_at,
+                "tenant_id": self.tenant_id,
+            },
         )
         await self.connection.execute(
             sa.text(
@@ -270,7 +274,6 @@ class RunStore:
                 "run_id": self.run_id,
             },
         )
-        return current
 
 
 async def fail_run(

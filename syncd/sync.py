@@ -207,6 +207,7 @@ async def _apply_snapshot(
         if verdict is None:
             status: Status = "succeeded"
             error = None
+            # The open pairs now are exactly the snapshot's distinct pairs.
             seen = applied.present_before + applied.added - applied.removed
         else:
             status = "partial"
@@ -222,7 +223,8 @@ async def _apply_snapshot(
         error = "incomplete snapshot, removals withheld: " + "; ".join(outcome.problems)
         seen = await run_store.distinct_staged()
     added, removed = applied.added, applied.removed
-    current_after = await run_store.finish_run(
+    current_after = applied.present_before + added - removed
+    await run_store.finish_run(
         status=status,
         pages_fetched=stager.pages,
         pairs_seen=seen,
@@ -230,6 +232,7 @@ async def _apply_snapshot(
         removed=removed,
         error=error,
         confirmed=status == "succeeded",
+        current_pairs=current_after,
     )
     return status, seen, added, removed, error, current_after
 
