@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import cli, config, db, errors, logs, metrics, scheduler, sync, web
+from syncd import cli, config, db, errors, logs, metrics, scheduler, store, sync, web
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +102,7 @@ class Daemon:
         self._database_failures = 0
         self._recheck_database = asyncio.Event()
         self._scheduler: scheduler.TenantScheduler | None = None
+        self._seeded = False
 
     # --- web.DaemonView -------------------------------------------------------------------
 
@@ -162,6 +163,8 @@ class Daemon:
                         grace_s=lambda: self._cfg.daemon.shutdown_grace_s,
                     )
                 )
+                if self._blocked() is None:
+                    await self._seed_from_database(engine, self._scheduler)
                 if not self._cfg.tenants:
                     log.warning("no tenants configured: add [[tenants]] and send SIGHUP")
                 log.info(
@@ -266,6 +269,8 @@ class Daemon:
         after = self._blocked()
         self._database_failures = 0 if after is None else self._database_failures + 1
         if after is None:
+            if not self._seeded and self._scheduler is not None:
+                await self._seed_from_database(engine, self._scheduler)
             if before is not None:
                 log.info("database ready", previously=before)
                 if self._scheduler is not None:
@@ -276,6 +281,17 @@ class Daemon:
                 reason=after,
                 retry_in_s=database_recheck_s(self._database_failures),
             )
+
+    async def _seed_from_database(
+        self, engine: AsyncEngine, tenant_scheduler: scheduler.TenantScheduler
+    ) -> None:
+        """Last runs and pair counts as stored, for `/status` and the gauges after a restart."""
+        try:
+            tenant_scheduler.seed(await store.read_tenant_status(engine))
+        except errors.DatabaseError as exc:
+            log.warning("could not read the stored tenant status; trying again", error=str(exc))
+            return
+        self._seeded = True
 
     async def _watch_database(self, engine: AsyncEngine) -> None:
         while True:

@@ -7,6 +7,7 @@ request and retry counts land here without the client knowing about Prometheus.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -114,6 +115,12 @@ class Metrics:
             self.pairs_current.labels(tenant=tenant).set(result.current_pairs)
         if result.status == "succeeded":
             self.last_success.labels(tenant=tenant).set(time.time())
+
+    def seed_tenant(self, tenant: str, pairs: int, last_success_at: datetime | None) -> None:
+        """Sets the gauges of a tenant from what the database held at start."""
+        self.pairs_current.labels(tenant=tenant).set(pairs)
+        if last_success_at is not None:
+            self.last_success.labels(tenant=tenant).set(last_success_at.timestamp())
 
     def forget_tenant(self, tenant: str) -> None:
         """Drops every series of a tenant that left the configuration."""

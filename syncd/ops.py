@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import cli, config, db, errors, models, vspc
+from syncd import cli, config, db, errors, models, store, vspc
 
 EngineOpener = Callable[
     [config.Config, Path | None], contextlib.AbstractAsyncContextManager[AsyncEngine]
@@ -243,19 +243,7 @@ def _iso(value: datetime | None) -> str | None:
 
 async def read_status(engine: AsyncEngine, configured: Sequence[str]) -> list[TenantStatus]:
     """Every configured tenant, then every other tenant the database holds (its data stays)."""
-    try:
-        async with engine.connect() as connection:
-            rows = (
-                await connection.execute(
-                    sa.text(
-                        "SELECT tenant, last_run_at, last_status, last_success_at, "
-                        "current_pairs, now() FROM syncd.tenant_status ORDER BY tenant"
-                    )
-                )
-            ).all()
-    except (OSError, sa.exc.DBAPIError) as exc:
-        raise errors.DatabaseError(f"cannot read syncd.tenant_status: {exc}") from exc
-    stored = {row[0]: row for row in rows}
+    stored = {row.tenant: row for row in await store.read_tenant_status(engine)}
     names = list(dict.fromkeys(configured)) + [name for name in stored if name not in configured]
     statuses = []
     for name in names:
@@ -263,17 +251,17 @@ async def read_status(engine: AsyncEngine, configured: Sequence[str]) -> list[Te
         if row is None:
             statuses.append(TenantStatus(name, True, None, None, None, None, None))
             continue
-        _, last_run_at, last_status, last_success_at, pairs, now = row
-        age_s = None if last_success_at is None else (now - last_success_at).total_seconds()
+        last_success_at = row.last_success_at
+        age_s = None if last_success_at is None else (row.read_at - last_success_at).total_seconds()
         statuses.append(
             TenantStatus(
                 tenant=name,
                 configured=name in configured,
-                last_run_at=last_run_at,
-                last_status=last_status,
+                last_run_at=row.last_run_at,
+                last_status=row.last_status,
                 last_success_at=last_success_at,
                 age_s=age_s,
-                pairs=int(pairs),
+                pairs=row.current_pairs,
             )
         )
     return statuses

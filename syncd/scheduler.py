@@ -25,7 +25,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from syncd import config, errors, metrics
+from syncd import config, errors, metrics, store
 from syncd.sync import SyncResult
 
 log = structlog.get_logger(__name__)
@@ -428,6 +428,19 @@ class TenantScheduler:
             consecutive_failures=state.consecutive_failures,
             next_run=_iso(when),
         )
+
+    def seed(self, stored: Sequence[store.StoredTenantStatus]) -> None:
+        """Fills what is known from the database into tenants this process has not run yet,
+        so `/status` and the metrics survive a restart."""
+        for row in stored:
+            state = self._states.get(row.tenant)
+            if state is None or state.last_status is not None:
+                continue
+            state.last_run_at = row.last_run_at
+            state.last_status = row.last_status
+            state.last_success_at = row.last_success_at
+            state.pairs = row.current_pairs
+            self._metrics.seed_tenant(row.tenant, row.current_pairs, row.last_success_at)
 
     # --- reporting -----------------------------------------------------------------------
 

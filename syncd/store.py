@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from syncd import errors, models
 from syncd.paging import Pair
@@ -288,3 +288,42 @@ async def fail_run(
         {"error": error, "pages_fetched": pages_fetched, "run_id": run_id},
     )
     await connection.commit()
+
+
+@dataclass(frozen=True)
+class StoredTenantStatus:
+    """A row of `syncd.tenant_status`, and the database's clock when it was read."""
+
+    tenant: str
+    last_run_at: datetime | None
+    last_status: str | None
+    last_success_at: datetime | None
+    current_pairs: int
+    read_at: datetime
+
+
+async def read_tenant_status(engine: AsyncEngine) -> list[StoredTenantStatus]:
+    """Every tenant the database holds, by name; `errors.DatabaseError` if unreadable."""
+    try:
+        async with engine.connect() as connection:
+            rows = (
+                await connection.execute(
+                    sa.text(
+                        "SELECT tenant, last_run_at, last_status, last_success_at, "
+                        "current_pairs, now() FROM syncd.tenant_status ORDER BY tenant"
+                    )
+                )
+            ).all()
+    except (OSError, sa.exc.DBAPIError) as exc:
+        raise errors.DatabaseError(f"cannot read syncd.tenant_status: {exc}") from exc
+    return [
+        StoredTenantStatus(
+            tenant=row[0],
+            last_run_at=row[1],
+            last_status=row[2],
+            last_success_at=row[3],
+            current_pairs=int(row[4]),
+            read_at=row[5],
+        )
+        for row in rows
+    ]

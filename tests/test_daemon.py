@@ -622,3 +622,43 @@ async def test_schema_behind_is_not_ready_naming_migrate_until_migrated(
 
         daemon.send(signal.SIGTERM)
         assert await daemon.wait_exit(10.0) == 0
+
+
+async def test_status_and_gauges_survive_a_restart(
+    tmp_path: Path,
+    db_url: str,
+    sim_state: sim.SimulatorState,
+    simulator: str,
+) -> None:
+    from syncd.sync import sync_tenant
+    from tests.helpers import tenant_for
+
+    async with db.open_engine(db_url) as engine:
+        earlier = await sync_tenant(tenant_for(sim_state.tenants["tenant-1"], simulator), engine)
+    assert earlier.status == "succeeded"
+    # The restarted daemon's first run is slow, so what /status shows meanwhile is what it
+    # read from the database at start, not the result of a run of its own.
+    sim_state.inject(sim.Fault(kind="latency", tenant="tenant-1", delay_s=3.0, offset=0))
+    config_path = tmp_path / "syncd.toml"
+    write_config(
+        config_path,
+        database_url=db_url,
+        simulator_url=simulator,
+        tenants=[sim_state.tenants["tenant-1"]],
+        sync={"interval": "1h"},
+    )
+    async with running_daemon(config_path) as daemon:
+
+        async def seeded() -> dict[str, Any] | None:
+            row = (await daemon.tenant_status())["tenant-1"]
+            return row if row["last_status"] is not None else None
+
+        row = await eventually(seeded, timeout_s=2.0, what="tenant-1's stored status")
+        assert (row["last_status"], row["pairs"], row["last_run_id"]) == ("succeeded", 300, None)
+        assert row["last_success_at"] is not None
+        metrics = await daemon.metrics()
+        assert metrics.value("syncd_pairs_current", tenant="tenant-1") == 300
+        last_success = metrics.value("syncd_last_success_timestamp_seconds", tenant="tenant-1")
+        assert last_success is not None
+        assert abs(last_success - datetime.fromisoformat(row["last_success_at"]).timestamp()) < 1
+        assert await daemon.runs("tenant-1") == 0
