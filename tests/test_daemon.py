@@ -638,7 +638,7 @@ async def test_status_and_gauges_survive_a_restart(
     assert earlier.status == "succeeded"
     # The restarted daemon's first run is slow, so what /status shows meanwhile is what it
     # read from the database at start, not the result of a run of its own.
-    sim_state.inject(sim.Fault(kind="latency", tenant="tenant-1", delay_s=3.0, offset=0))
+    sim_state.inject(sim.Fault(kind="latency", tenant="tenant-1", delay_s=8.0, offset=0))
     config_path = tmp_path / "syncd.toml"
     write_config(
         config_path,
@@ -650,10 +650,11 @@ async def test_status_and_gauges_survive_a_restart(
     async with running_daemon(config_path) as daemon:
 
         async def seeded() -> dict[str, Any] | None:
-            row = (await daemon.tenant_status())["tenant-1"]
-            return row if row["last_status"] is not None else None
+            # /status lists tenants once the scheduler is up, a moment after the endpoint.
+            row = (await daemon.tenant_status()).get("tenant-1")
+            return row if row is not None and row["last_status"] is not None else None
 
-        row = await eventually(seeded, timeout_s=2.0, what="tenant-1's stored status")
+        row = await eventually(seeded, timeout_s=5.0, what="tenant-1's stored status")
         assert (row["last_status"], row["pairs"], row["last_run_id"]) == ("succeeded", 300, None)
         assert row["last_success_at"] is not None
         metrics = await daemon.metrics()
