@@ -173,6 +173,16 @@ async def open_configured_engine(
         yield engine
 
 
+@contextlib.asynccontextmanager
+async def open_migrated_engine(
+    cfg: config.Config, data_dir: Path | None
+) -> AsyncIterator[AsyncEngine]:
+    """`open_configured_engine`, refusing (`SchemaBehindError`) unless the schema is at head."""
+    async with open_configured_engine(cfg, data_dir) as engine:
+        await db.require_schema_at_head(engine)
+        yield engine
+
+
 async def cmd_migrate(args: argparse.Namespace, cfg: config.Config) -> int:
     async with open_configured_engine(cfg, args.data_dir) as engine:
         before = await db.schema_state(engine)
@@ -302,8 +312,7 @@ async def cmd_sync(args: argparse.Namespace, cfg: config.Config) -> int:
     if args.allow_mass_delete and not args.tenant:
         raise UsageError("--allow-mass-delete needs --tenant NAME: allow it one tenant at a time")
     console = make_console()
-    async with open_configured_engine(cfg, args.data_dir) as engine:
-        await db.require_schema_at_head(engine)
+    async with open_migrated_engine(cfg, args.data_dir) as engine:
         results = await sync_with_progress(
             console,
             tenants,
@@ -354,9 +363,9 @@ async def _dispatch(args: argparse.Namespace, scrubber: logs.SecretScrubber) -> 
     if args.command == "check":
         return await ops.cmd_check(args, cfg)
     if args.command == "status":
-        return await ops.cmd_status(args, cfg, open_configured_engine)
+        return await ops.cmd_status(args, cfg)
     if args.command == "grant-reader":
-        return await ops.cmd_grant_reader(args, cfg, open_configured_engine)
+        return await ops.cmd_grant_reader(args, cfg)
     raise UsageError(f"unknown command {args.command!r}")
 
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,11 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import cli, config, db, errors, models, store, vspc
-
-EngineOpener = Callable[
-    [config.Config, Path | None], contextlib.AbstractAsyncContextManager[AsyncEngine]
-]
+from syncd import cli, config, errors, models, store, vspc
 
 # `check` is interactive: a dead server should be reported in seconds, not after the full
 # retry budget a scheduled sync deserves.
@@ -307,12 +301,9 @@ def status_table(statuses: Sequence[TenantStatus]) -> Table:
     return table
 
 
-async def cmd_status(
-    args: argparse.Namespace, cfg: config.Config, open_engine: EngineOpener
-) -> int:
+async def cmd_status(args: argparse.Namespace, cfg: config.Config) -> int:
     """`syncd status`: 0 when every configured tenant's last run succeeded, else 1."""
-    async with open_engine(cfg, args.data_dir) as engine:
-        await db.require_schema_at_head(engine)
+    async with cli.open_migrated_engine(cfg, args.data_dir) as engine:
         statuses = await read_status(engine, [tenant.name for tenant in cfg.tenants])
     ok = all(status.ok for status in statuses if status.configured)
     if args.json:
@@ -374,12 +365,9 @@ async def grant_reader(engine: AsyncEngine, role: str) -> list[str]:
     return statements
 
 
-async def cmd_grant_reader(
-    args: argparse.Namespace, cfg: config.Config, open_engine: EngineOpener
-) -> int:
+async def cmd_grant_reader(args: argparse.Namespace, cfg: config.Config) -> int:
     """`syncd grant-reader ROLE`: 0 when granted; a missing role raises `RoleNotFound`."""
-    async with open_engine(cfg, args.data_dir) as engine:
-        await db.require_schema_at_head(engine)
+    async with cli.open_migrated_engine(cfg, args.data_dir) as engine:
         try:
             statements = await grant_reader(engine, args.role)
         except (OSError, sa.exc.DBAPIError) as exc:

@@ -299,7 +299,7 @@ async def test_status_table_and_json(
     ]
     cfg = config.load_config(write_config(tmp_path / "s.toml", tenants, db_url), environ={})
 
-    code = await ops.cmd_status(status_args(as_json=True), cfg, cli.open_configured_engine)
+    code = await ops.cmd_status(status_args(as_json=True), cfg)
 
     output = capsys.readouterr().out
     document = json.loads(output)
@@ -324,7 +324,7 @@ async def test_status_table_and_json(
     two = by_name["tenant-2"]
     assert (two["configured"], two["last_status"], two["pairs"]) == (False, "succeeded", 300)
 
-    code = await ops.cmd_status(status_args(as_json=False), cfg, cli.open_configured_engine)
+    code = await ops.cmd_status(status_args(as_json=False), cfg)
     rows = table_rows(capsys.readouterr().out)
     assert code == cli.EXIT_FAILED
     assert rows["tenant-1"][1:2] == ["succeeded"] and rows["tenant-1"][-1] == "300"
@@ -336,7 +336,7 @@ async def test_status_table_and_json(
     # Only healthy tenants configured: exit 0 (tenant-2 left the config; it does not count).
     healthy = [{"name": "tenant-1", "url": simulator, "api_key": "k"}]
     cfg = config.load_config(write_config(tmp_path / "h.toml", healthy, db_url), environ={})
-    code = await ops.cmd_status(status_args(as_json=True), cfg, cli.open_configured_engine)
+    code = await ops.cmd_status(status_args(as_json=True), cfg)
     assert code == cli.EXIT_OK
     assert json.loads(capsys.readouterr().out)["ok"] is True
 
@@ -346,13 +346,13 @@ async def test_status_refuses_a_schema_behind(
 ) -> None:
     cfg = config.load_config(write_config(tmp_path / "e.toml", [], empty_db_url), environ={})
     with pytest.raises(errors.SchemaBehindError, match="syncd migrate"):
-        await ops.cmd_status(status_args(as_json=False), cfg, cli.open_configured_engine)
+        await ops.cmd_status(status_args(as_json=False), cfg)
 
     async with db.open_engine(db_url) as engine:
         await db.downgrade(engine, "0001")
     cfg = config.load_config(write_config(tmp_path / "o.toml", [], db_url), environ={})
     with pytest.raises(errors.SchemaBehindError, match="revision 0001"):
-        await ops.cmd_status(status_args(as_json=True), cfg, cli.open_configured_engine)
+        await ops.cmd_status(status_args(as_json=True), cfg)
 
 
 @pytest.mark.slow
@@ -423,7 +423,7 @@ async def test_grant_reader_allows_the_views_and_nothing_else(
 
         cfg = config.load_config(write_config(tmp_path / "g.toml", [], db_url), environ={})
         args = argparse.Namespace(role=reader_role, data_dir=None)
-        code = await ops.cmd_grant_reader(args, cfg, cli.open_configured_engine)
+        code = await ops.cmd_grant_reader(args, cfg)
         assert code == cli.EXIT_OK
         assert "GRANT SELECT ON" in capsys.readouterr().out
 
@@ -463,8 +463,8 @@ async def test_grant_reader_is_idempotent(
 ) -> None:
     cfg = config.load_config(write_config(tmp_path / "g.toml", [], db_url), environ={})
     args = argparse.Namespace(role=reader_role, data_dir=None)
-    assert await ops.cmd_grant_reader(args, cfg, cli.open_configured_engine) == cli.EXIT_OK
-    assert await ops.cmd_grant_reader(args, cfg, cli.open_configured_engine) == cli.EXIT_OK
+    assert await ops.cmd_grant_reader(args, cfg) == cli.EXIT_OK
+    assert await ops.cmd_grant_reader(args, cfg) == cli.EXIT_OK
     reader = await connect_as(db_url, reader_role)
     try:
         assert await reader.fetchval("SELECT count(*) FROM syncd.tenant_status") == 0
@@ -476,7 +476,7 @@ async def test_grant_reader_to_a_missing_role(db_url: str, tmp_path: Path) -> No
     cfg = config.load_config(write_config(tmp_path / "g.toml", [], db_url), environ={})
     args = argparse.Namespace(role="no_such_role_anywhere", data_dir=None)
     with pytest.raises(ops.RoleNotFound, match="'no_such_role_anywhere' does not exist"):
-        await ops.cmd_grant_reader(args, cfg, cli.open_configured_engine)
+        await ops.cmd_grant_reader(args, cfg)
 
     path = write_config(tmp_path / "g.toml", [], db_url)
     code, stdout, stderr = await run_syncd("--config", str(path), "grant-reader", "Postgres")
