@@ -11,7 +11,7 @@ Phases:
   the configured concurrency and discards the pairs: the fetch-only limit.
 - `fetch_copy`: the same, plus binary COPY of every pair into an UNLOGGED table without
   indexes: the fetch+copy limit, the least work any sync could do.
-- `sync`: `cli.sync_all` / `sync_tenant`, the real path (initial, no-op or churn re-sync).
+- `sync`: `sync.sync_tenants` / `sync_tenant`, the real path (initial, no-op or churn re-sync).
 
 Around the phase, a probe connection reads PostgreSQL's WAL position, the tables' write
 counters and the CPU time of the server's processes (see `PgProbe`).
@@ -33,7 +33,7 @@ import asyncpg
 import orjson
 import psutil  # type: ignore[import-untyped]
 
-from syncd import cli, config, logs, models, paging, simulator, vspc
+from syncd import config, db, logs, models, paging, simulator, sync, vspc
 
 COPY_TABLE = "bench_copy"
 SYNCD_TABLES = ("links", "runs", "tenants")
@@ -263,13 +263,13 @@ async def _parse_only(spec: PhaseSpec) -> dict[str, Any]:
 
 
 async def _sync(cfg: config.Config) -> dict[str, Any]:
-    async with cli.open_configured_engine(cfg, None) as engine:
-        results = await cli.sync_all(
+    async with db.open_configured_engine(cfg, None) as engine:
+        results = await sync.sync_tenants(
             cfg.tenants, engine, max_concurrent_tenants=cfg.daemon.max_concurrent_tenants
         )
     statuses: dict[str, int] = {}
     for result in results:
-        statuses[result.status] = statuses.get(result.status, 0) + 1
+        statuses[str(result.status)] = statuses.get(str(result.status), 0) + 1
     return {
         "pairs": sum(result.pairs_seen for result in results),
         "added": sum(result.added for result in results),

@@ -1,4 +1,4 @@
-"""The `syncd` command line.
+"""The `syncd` command line: argument parsing, dispatch and error printing, nothing else.
 
 Exit codes (a public interface: cron wrappers and orchestrators read them):
   0  everything asked for succeeded (tenants skipped as busy count as success)
@@ -6,44 +6,40 @@ Exit codes (a public interface: cron wrappers and orchestrators read them):
      the schema is behind
   2  usage or configuration error
 Errors print their chain of causes on stderr; the traceback only with `--log-level debug`.
+
+Each command's module is imported only when that command runs, so `syncd --version` and a
+cron job's `syncd sync` do not pay for the daemon, the simulator or Alembic.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import importlib
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import structlog
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
-from rich.table import Table
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 import syncd
-from syncd import config, db, embedded, errors, logs
-from syncd.sync import SyncResult, sync_tenant
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+from syncd import config, errors, logs
 
 log = structlog.get_logger(__name__)
 
-
-class UsageError(errors.SyncdError):
-    """The command line asks for something that cannot be done (exit 2)."""
+# command -> (module, function, whether it reads the config file). A config-reading
+# command's function takes (args, cfg, scrubber); the others (args, scrubber).
+COMMANDS: dict[str, tuple[str, str, bool]] = {
+    "migrate": ("syncd.ops", "cmd_migrate", True),
+    "sync": ("syncd.ops", "cmd_sync", True),
+    "run": ("syncd.daemon", "cmd_run", True),
+    "check": ("syncd.ops", "cmd_check", True),
+    "status": ("syncd.ops", "cmd_status", True),
+    "grant-reader": ("syncd.ops", "cmd_grant_reader", True),
+    "demo": ("syncd.demo", "cmd_demo", False),
+    "simulate": ("syncd.simulator", "cmd_simulate", False),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="where the embedded PostgreSQL keeps its files when no database.url is set "
-        f"(default: {embedded.default_data_dir()})",
+        "(default: a 'syncd/postgres' folder in the user's data directory)",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -86,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--allow-mass-delete",
         action="store_true",
-        help="apply removals even when they exceed max_delete_fraction",
+        help="apply removals even when they exceed max_delete_fraction (and reset the "
+        "mass-delete guard's baseline)",
     )
 
     run = commands.add_parser("run", help="run as a daemon: sync every tenant on its schedule")
@@ -130,247 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_config(args: argparse.Namespace) -> config.Config:
-    path = config.find_config_path(args.config)
-    loaded = config.load_config(path)
-    for secret_file in loaded.secret_files:
-        if not config.loosely_readable(secret_file):
-            continue
-        if secret_file == path:
-            log.warning(
-                "the config file is readable by other users and syncd holds secrets in it: "
-                "chmod 600 it, or move them to api_key_file/password_file or the environment",
-                path=str(path),
-            )
-        else:
-            log.warning(
-                f"secret file {secret_file} is readable by other users: chmod 600 it",
-                path=str(secret_file),
-            )
+    loaded = config.load_config(config.find_config_path(args.config))
+    for warning in config.config_warnings(loaded):
+        logs.log_config_warning(log, warning)
     return loaded
 
 
-@contextlib.asynccontextmanager
-async def open_configured_engine(
-    cfg: config.Config, data_dir: Path | None, *, extra_connections: int = 2
-) -> AsyncIterator[AsyncEngine]:
-    """The engine for `database.url`, or for an embedded PostgreSQL when none is set."""
-    pool_size = cfg.database.pool_size or cfg.daemon.max_concurrent_tenants + extra_connections
-    async with contextlib.AsyncExitStack() as stack:
-        if cfg.database.url is not None:
-            url = cfg.database.url.get_secret_value()
-        else:
-            url = await stack.enter_async_context(
-                embedded.running(data_dir or embedded.default_data_dir())
-            )
-        engine = await stack.enter_async_context(
-            db.open_engine(
-                url,
-                pool_size=pool_size,
-                statement_timeout_s=cfg.database.statement_timeout_s,
-                connect_timeout_s=cfg.database.connect_timeout_s,
-            )
-        )
-        yield engine
-
-
-@contextlib.asynccontextmanager
-async def open_migrated_engine(
-    cfg: config.Config, data_dir: Path | None
-) -> AsyncIterator[AsyncEngine]:
-    """`open_configured_engine`, refusing (`SchemaBehindError`) unless the schema is at head."""
-    async with open_configured_engine(cfg, data_dir) as engine:
-        await db.require_schema_at_head(engine)
-        yield engine
-
-
-async def cmd_migrate(args: argparse.Namespace, cfg: config.Config) -> int:
-    async with open_configured_engine(cfg, args.data_dir) as engine:
-        before = await db.schema_state(engine)
-        after = await db.migrate(engine)
-    if before.current == after.current:
-        print(f"schema already at {after.current}")
-    else:
-        print(f"schema upgraded from {before.current or 'nothing'} to {after.current}")
-    return EXIT_OK
-
-
-def select_tenants(cfg: config.Config, names: Sequence[str]) -> list[config.Tenant]:
-    """The tenants named on the command line (all when none); UsageError for unknown names."""
-    if not names:
-        return list(cfg.tenants)
-    unknown = [name for name in names if name not in {t.name for t in cfg.tenants}]
-    if unknown:
-        configured = ", ".join(t.name for t in cfg.tenants) or "none"
-        raise UsageError(f"unknown tenant(s): {', '.join(unknown)} (configured: {configured})")
-    return [cfg.tenant(name) for name in dict.fromkeys(names)]
-
-
-class RichProgress:
-    """Per-tenant progress bars (pairs received of the snapshot's total)."""
-
-    def __init__(self, progress: Progress) -> None:
-        self._progress = progress
-        self._tasks: dict[str, TaskID] = {}
-
-    def advance(self, tenant: str, pairs: int, total: int | None) -> None:
-        task = self._tasks.get(tenant)
-        if task is None:
-            task = self._tasks[tenant] = self._progress.add_task(tenant, total=total)
-        self._progress.update(task, advance=pairs, total=total)
-
-
-async def sync_all(
-    tenants: Sequence[config.Tenant],
-    engine: AsyncEngine,
-    *,
-    max_concurrent_tenants: int,
-    allow_mass_delete: bool = False,
-    progress: RichProgress | None = None,
-) -> list[SyncResult]:
-    """Syncs `tenants` concurrently, at most `max_concurrent_tenants` at once."""
-    limit = asyncio.Semaphore(max_concurrent_tenants)
-
-    async def one(tenant: config.Tenant) -> SyncResult:
-        async with limit:
-            try:
-                return await sync_tenant(
-                    tenant, engine, allow_mass_delete=allow_mass_delete, progress=progress
-                )
-            except errors.DatabaseError as exc:
-                return SyncResult(tenant=tenant.name, status="failed", error=str(exc))
-
-    return list(await asyncio.gather(*(one(tenant) for tenant in tenants)))
-
-
-def summary_table(results: Sequence[SyncResult]) -> Table:
-    """The table `syncd sync` prints at the end."""
-    table = Table(title="syncd sync")
-    for column in ("tenant", "status", "pairs", "added", "removed", "pages", "seconds", "error"):
-        table.add_column(column, overflow="fold")
-    for result in results:
-        table.add_row(
-            result.tenant,
-            result.status,
-            "" if result.current_pairs is None else str(result.current_pairs),
-            str(result.added),
-            str(result.removed),
-            str(result.pages_fetched),
-            f"{result.duration_s:.2f}",
-            result.error or "",
-        )
-    return table
-
-
-def sync_exit_code(results: Sequence[SyncResult]) -> int:
-    """0 when every tenant succeeded or was skipped as busy, else 1."""
-    ok = all(result.status in ("succeeded", "skipped") for result in results)
-    return EXIT_OK if ok else EXIT_FAILED
-
-
-def make_console() -> Console:
-    """Console for tables: piped output (CI logs, `| less`) gets 160 columns, not rich's 80."""
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
-
-
-async def sync_with_progress(
-    console: Console,
-    tenants: Sequence[config.Tenant],
-    engine: AsyncEngine,
-    *,
-    max_concurrent_tenants: int,
-    allow_mass_delete: bool = False,
-) -> list[SyncResult]:
-    """`sync_all` with progress bars on a terminal, plain log lines otherwise."""
-    if not console.is_terminal:
-        return await sync_all(
-            tenants,
-            engine,
-            max_concurrent_tenants=max_concurrent_tenants,
-            allow_mass_delete=allow_mass_delete,
-        )
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
-        return await sync_all(
-            tenants,
-            engine,
-            max_concurrent_tenants=max_concurrent_tenants,
-            allow_mass_delete=allow_mass_delete,
-            progress=RichProgress(bar),
-        )
-
-
-async def cmd_sync(args: argparse.Namespace, cfg: config.Config) -> int:
-    tenants = select_tenants(cfg, args.tenant)
-    if not tenants:
-        raise UsageError("no tenants configured: add [[tenants]] to the config file")
-    if args.allow_mass_delete and not args.tenant:
-        raise UsageError("--allow-mass-delete needs --tenant NAME: allow it one tenant at a time")
-    console = make_console()
-    async with open_migrated_engine(cfg, args.data_dir) as engine:
-        results = await sync_with_progress(
-            console,
-            tenants,
-            engine,
-            max_concurrent_tenants=cfg.daemon.max_concurrent_tenants,
-            allow_mass_delete=args.allow_mass_delete,
-        )
-    console.print(summary_table(results))
-    return sync_exit_code(results)
-
-
-async def cmd_simulate(args: argparse.Namespace) -> int:
-    from syncd import simulator
-
-    await simulator.serve(
-        host=args.host, port=args.port, tenants=args.tenants, pairs=args.pairs, seed=args.seed
-    )
-    return EXIT_OK
-
-
 async def _dispatch(args: argparse.Namespace, scrubber: logs.SecretScrubber) -> int:
-    if args.command == "simulate":
-        return await cmd_simulate(args)
-    if args.command == "demo":
-        from syncd import demo
-
-        return await demo.run_demo(args)
+    module_name, function_name, reads_config = COMMANDS[args.command]
+    command: Callable[..., Awaitable[int]] = getattr(
+        importlib.import_module(module_name), function_name
+    )
+    if not reads_config:
+        return await command(args, scrubber)
     cfg = _load_config(args)
     scrubber.register(cfg.secrets())
-    handlers: dict[str, Callable[[argparse.Namespace, config.Config], Awaitable[int]]] = {
-        "migrate": cmd_migrate,
-        "sync": cmd_sync,
-    }
-    if args.command in handlers:
-        return await handlers[args.command](args, cfg)
-    if args.command == "run":
-        from syncd import daemon
-
-        return await daemon.run_daemon(
-            cfg,
-            data_dir=args.data_dir,
-            config_path=cfg.path,
-            listen=args.listen,
-            scrubber=scrubber,
-        )
-    from syncd import ops
-
-    if args.command == "check":
-        return await ops.cmd_check(args, cfg)
-    if args.command == "status":
-        return await ops.cmd_status(args, cfg)
-    if args.command == "grant-reader":
-        return await ops.cmd_grant_reader(args, cfg)
-    raise UsageError(f"unknown command {args.command!r}")
+    return await command(args, cfg, scrubber)
 
 
-def _print_error(exc: BaseException) -> None:
-    chain = errors.cause_chain(exc)
+def _print_error(exc: BaseException, scrubber: logs.SecretScrubber) -> None:
+    def clean(text: str) -> str:
+        # Line by line: a configuration error lists one problem per line.
+        return "\n".join(errors.clean_text(line) for line in scrubber.scrub(text).split("\n"))
+
+    chain = [clean(text) for text in errors.cause_chain(exc)]
     print(f"syncd: error: {chain[0]}", file=sys.stderr)
     for cause in chain[1:]:
         print(f"  caused by: {cause}", file=sys.stderr)
@@ -382,14 +162,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     scrubber = logs.configure(level=args.log_level, log_format=args.log_format)
     try:
         return asyncio.run(_dispatch(args, scrubber))
-    except (errors.ConfigError, UsageError) as exc:
-        _print_error(exc)
-        return EXIT_USAGE
+    except (errors.ConfigError, errors.UsageError) as exc:
+        _print_error(exc, scrubber)
+        return errors.EXIT_USAGE
     except errors.SyncdError as exc:
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             log.exception("command failed")
-        _print_error(exc)
-        return EXIT_FAILED
+        _print_error(exc, scrubber)
+        return errors.EXIT_FAILED
     except KeyboardInterrupt:
         print("syncd: interrupted", file=sys.stderr)
         return 130

@@ -7,10 +7,12 @@ problem at once, each with its TOML path (`tenants[2].url: not an http(s) URL`),
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,11 +31,11 @@ from pydantic import (
 from yarl import URL
 
 from syncd import errors
+from syncd.paging import MAX_PAGE_SIZE
 
 DEFAULT_CONFIG_NAME = "syncd.toml"
 CONFIG_ENV = "SYNCD_CONFIG"
 DATABASE_URL_ENV = "SYNCD_DATABASE_URL"
-MAX_PAGE_SIZE = 500  # VSPC's default MaxPageSize
 
 _DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*)+$")
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
@@ -58,6 +60,40 @@ def parse_duration_s(value: object) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration_s)]
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|kB|KB|MB|GB)?\s*$")
+_UNIT_BYTES = {
+    None: 1,
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "kB": 1000,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+}
+
+
+def parse_size_bytes(value: object) -> int:
+    """Bytes in a size written as "16MiB", "512KiB", "2GB" or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError("not a size like '16MiB'")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        size = int(match.group(1)) * _UNIT_BYTES[match.group(2)]
+    else:
+        raise ValueError(f"not a size like '16MiB' or '512KiB': {value!r}")
+    if size < 1024:
+        raise ValueError("must be at least 1KiB")
+    return size
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size_bytes)]
+
+# Secret files hold a key or a password: anything bigger is not one (or is /dev/zero).
+SECRET_FILE_MAX_BYTES = 64 * 1024
 
 
 def _environ(info: ValidationInfo) -> Mapping[str, str]:
@@ -92,9 +128,20 @@ def _secret_from_file(value: object, info: ValidationInfo) -> object:
         raise ValueError("must be a file path")
     path = _base_dir(info) / Path(value).expanduser()
     try:
-        secret = path.read_text(encoding="utf-8").strip()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; regular files ignore it.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(descriptor, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise ValueError(f"secret file {path} is not a regular file")
+            raw = handle.read(SECRET_FILE_MAX_BYTES + 1)
     except OSError as exc:
         raise ValueError(f"cannot read secret file {path}: {exc.strerror or exc}") from None
+    if len(raw) > SECRET_FILE_MAX_BYTES:
+        raise ValueError(f"secret file {path} is larger than {SECRET_FILE_MAX_BYTES // 1024} KiB")
+    try:
+        secret = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"secret file {path} is not UTF-8 text") from None
     if not secret:
         raise ValueError(f"secret file {path} is empty")
     return SecretStr(secret)
@@ -113,9 +160,11 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
 
 
-def _check_cron(value: str | None) -> str | None:
+def _check_cron(value: object) -> str | None:
     if value is None:
         return None
+    if not isinstance(value, str):
+        raise ValueError("not a crontab expression like '*/15 * * * *'")
     from apscheduler.triggers.cron import CronTrigger
 
     try:
@@ -136,7 +185,11 @@ def _reject_interval_and_cron(data: Any) -> Any:
 
 
 class SyncSettings(_Model):
-    """How one tenant is synced. `[sync]` gives the defaults; a tenant may override any key."""
+    """How one tenant is synced. `[sync]` gives the defaults; a tenant may override any key.
+
+    This is the one declaration of the `[sync]` keys: a tenant's overrides are validated
+    against it too (see `_tenant_settings`).
+    """
 
     page_size: PageSize = MAX_PAGE_SIZE
     max_concurrent_pages: PositiveInt = 4
@@ -144,6 +197,7 @@ class SyncSettings(_Model):
     cron: Cron = None
     max_delete_fraction: Fraction = 0.5
     mass_delete_floor: Annotated[int, Field(ge=0)] = 10
+    delete_baseline_window_s: Duration = Field(default=7 * 86400.0, alias="delete_baseline_window")
     max_retries: Retries = 5
     backoff_base_s: Duration = Field(default=1.0, alias="backoff_base")
     backoff_max_s: Duration = Field(default=60.0, alias="backoff_max")
@@ -152,7 +206,11 @@ class SyncSettings(_Model):
     request_timeout_s: Duration = Field(default=60.0, alias="request_timeout")
     async_action_timeout_s: Duration = Field(default=300.0, alias="async_action_timeout")
     token_refresh_margin_s: Duration = Field(default=300.0, alias="token_refresh_margin")
-    client_version: str = "3.6"
+    run_timeout_s: Duration = Field(default=3600.0, alias="run_timeout")
+    max_total: Annotated[int, Field(ge=1)] = 10_000_000
+    max_body_bytes: ByteSize = Field(default=16 * 1024**2, alias="max_body_size")
+    # Sent as the X-Client-Version header: a version number, nothing that could end a header.
+    client_version: Annotated[str, Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.\-]{0,19}$")] = "3.6"
 
     _interval_or_cron = model_validator(mode="before")(_reject_interval_and_cron)
 
@@ -161,6 +219,7 @@ class SyncSettings(_Model):
 SYNC_KEYS: frozenset[str] = frozenset(
     field.alias or name for name, field in SyncSettings.model_fields.items()
 )
+_FIELD_OF_KEY = {field.alias or name: name for name, field in SyncSettings.model_fields.items()}
 
 
 class DatabaseConfig(_Model):
@@ -221,22 +280,21 @@ class TenantConfig(_Model):
     verify_tls: bool = True
     ca_file: Path | None = None
 
-    # Per-tenant overrides of [sync]; None means "use the default".
-    page_size: PageSize | None = None
-    max_concurrent_pages: PositiveInt | None = None
-    interval_s: Duration | None = Field(default=None, alias="interval")
-    cron: Cron = None
-    max_delete_fraction: Fraction | None = None
-    mass_delete_floor: Annotated[int, Field(ge=0)] | None = None
-    max_retries: Retries | None = None
-    backoff_base_s: Duration | None = Field(default=None, alias="backoff_base")
-    backoff_max_s: Duration | None = Field(default=None, alias="backoff_max")
-    retry_after_max_s: Duration | None = Field(default=None, alias="retry_after_max")
-    connect_timeout_s: Duration | None = Field(default=None, alias="connect_timeout")
-    request_timeout_s: Duration | None = Field(default=None, alias="request_timeout")
-    async_action_timeout_s: Duration | None = Field(default=None, alias="async_action_timeout")
-    token_refresh_margin_s: Duration | None = Field(default=None, alias="token_refresh_margin")
-    client_version: str | None = None
+    # The `[sync]` keys this tenant sets, by TOML name, as written; validated against
+    # `SyncSettings` when the tenant is resolved, so every key is declared once.
+    sync_overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_sync_overrides(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if "sync_overrides" in data:
+            raise ValueError("sync_overrides: unknown key")
+        _reject_interval_and_cron(data)
+        overrides = {key: value for key, value in data.items() if key in SYNC_KEYS}
+        rest = {key: value for key, value in data.items() if key not in SYNC_KEYS}
+        return {**rest, "sync_overrides": overrides}
 
     @field_validator("name")
     @classmethod
@@ -256,6 +314,11 @@ class TenantConfig(_Model):
             raise ValueError("not an http(s) URL")
         if url.query_string or url.fragment:
             raise ValueError("give the server root only, without query or fragment")
+        if url.user is not None or url.password is not None:
+            raise ValueError(
+                "must not hold a user name or password (user:password@): give them as "
+                "username/password or api_key, which syncd keeps out of logs"
+            )
         return value.rstrip("/")
 
     @field_validator("ca_file", mode="after")
@@ -270,8 +333,6 @@ class TenantConfig(_Model):
         except OSError as exc:
             raise ValueError(f"cannot read CA file {path}: {exc.strerror or exc}") from None
         return path
-
-    _interval_or_cron = model_validator(mode="before")(_reject_interval_and_cron)
 
     @model_validator(mode="after")
     def _one_auth_method(self) -> TenantConfig:
@@ -289,14 +350,6 @@ class TenantConfig(_Model):
         if has_password_auth and (self.username is None or not password_sources):
             raise ValueError("password authentication needs both username and password")
         return self
-
-    def overrides(self) -> dict[str, Any]:
-        """The `[sync]` keys this tenant sets, by field name."""
-        return {
-            name: getattr(self, name)
-            for name in SyncSettings.model_fields
-            if getattr(self, name) is not None
-        }
 
 
 class RawConfig(_Model):
@@ -363,24 +416,83 @@ class Config:
                 return tenant
         raise KeyError(name)
 
+    def select_tenants(self, names: Sequence[str]) -> list[Tenant]:
+        """The tenants `names` (all when empty), once each; `errors.UsageError` for unknowns."""
+        if not names:
+            return list(self.tenants)
+        known = {tenant.name for tenant in self.tenants}
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            configured = ", ".join(tenant.name for tenant in self.tenants) or "none"
+            raise errors.UsageError(
+                f"unknown tenant(s): {', '.join(unknown)} (configured: {configured})"
+            )
+        return [self.tenant(name) for name in dict.fromkeys(names)]
+
     def secrets(self) -> tuple[str, ...]:
         """Every secret value in the configuration (for log scrubbing)."""
         values = [secret for tenant in self.tenants for secret in tenant.secrets()]
         if self.database.url is not None:
-            password = URL(self.database.url.get_secret_value()).password
+            password = database_url_password(self.database.url.get_secret_value())
             if password:
                 values.append(password)
         return tuple(values)
 
 
+# Query parameters of a database URL that reach asyncpg.connect; `sslmode` is libpq's name
+# for asyncpg's `ssl` and is translated.
+_DATABASE_URL_PARAMETERS = frozenset(
+    {"ssl", "sslmode", "user", "password", "host", "port", "passfile", "target_session_attrs"}
+)
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 def normalize_database_url(url: str) -> str:
-    """`postgresql://...` as users write it, turned into SQLAlchemy's asyncpg form."""
+    """`postgresql://...` as users write it, checked and turned into SQLAlchemy's asyncpg form.
+
+    Raises ValueError (never naming the URL, which may hold a password) when the scheme,
+    port or a query parameter is not one asyncpg can use.
+    """
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ValueError("not a PostgreSQL URL like 'postgresql://user:password@host:5432/db'")
-    if scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
-        return f"postgresql+asyncpg://{rest}"
-    raise ValueError(f"unsupported scheme {scheme!r}: use postgresql://")
+    if scheme not in ("postgresql", "postgres", "postgresql+asyncpg"):
+        raise ValueError(f"unsupported scheme {scheme!r}: use postgresql://")
+    try:
+        parsed = URL(f"postgresql://{rest}")
+        port = parsed.explicit_port
+    except (ValueError, TypeError):
+        raise ValueError(
+            "not a valid URL (is the port a number from 1 to 65535, and are special "
+            "characters in the password percent-encoded?)"
+        ) from None
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 1..65535")
+    query = dict(parsed.query)
+    unknown = sorted(set(query) - _DATABASE_URL_PARAMETERS)
+    if unknown:
+        known = ", ".join(sorted(_DATABASE_URL_PARAMETERS))
+        raise ValueError(f"unknown query parameter(s) {', '.join(unknown)} (known: {known})")
+    if "ssl" in query and "sslmode" in query:
+        raise ValueError("give ssl or sslmode, not both")
+    mode = query.get("sslmode") or query.get("ssl")
+    if mode is not None and mode not in SSL_MODES:
+        raise ValueError(f"sslmode {mode!r} is not one of {', '.join(SSL_MODES)}")
+    if "port" in query and not query["port"].isdigit():
+        raise ValueError("the port query parameter is not a number")
+    if "sslmode" not in query:
+        return f"postgresql+asyncpg://{rest}"  # as written: no re-quoting of the password
+    query["ssl"] = query.pop("sslmode")
+    return "postgresql+asyncpg://" + str(parsed.with_query(query)).partition("://")[2]
+
+
+def database_url_password(url: str) -> str | None:
+    """The password a database URL holds, in its user info or its query (`?password=`)."""
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError):
+        return None
+    return parsed.password or parsed.query.get("password") or None
 
 
 def _format_location(location: tuple[int | str, ...]) -> str:
@@ -393,10 +505,10 @@ def _format_location(location: tuple[int | str, ...]) -> str:
     return text
 
 
-def _format_validation_error(exc: ValidationError) -> list[str]:
+def _format_validation_error(exc: ValidationError, prefix: tuple[int | str, ...] = ()) -> list[str]:
     problems = []
     for error in exc.errors(include_url=False, include_input=False):
-        location = _format_location(tuple(error["loc"]))
+        location = _format_location((*prefix, *error["loc"]))
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         elif error["type"] == "missing":
@@ -427,17 +539,30 @@ def _duplicate_tenant_names(data: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _effective_settings(defaults: SyncSettings, tenant: TenantConfig) -> SyncSettings:
-    overrides = tenant.overrides()
+def _tenant_settings(
+    defaults: SyncSettings, overrides: Mapping[str, Any], index: int
+) -> tuple[SyncSettings | None, list[str]]:
+    """The tenant's effective settings: `defaults` with its `[sync]` overrides; or problems.
+
+    The overrides are validated by `SyncSettings` itself, so each key is declared once.
+    """
+    checked = dict(overrides)
+    if "interval" in checked and "cron" in checked:
+        checked.pop("cron")  # TenantConfig reports the pair
+    try:
+        validated = SyncSettings.model_validate(checked)
+    except ValidationError as exc:
+        return None, _format_validation_error(exc, ("tenants", index))
+    update = {_FIELD_OF_KEY[key]: getattr(validated, _FIELD_OF_KEY[key]) for key in overrides}
     # A tenant that picks a schedule kind replaces the default's, not mixes with it.
-    if "cron" in overrides:
-        overrides.setdefault("interval_s", defaults.interval_s)
-    elif "interval_s" in overrides:
-        overrides["cron"] = None
-    return defaults.model_copy(update=overrides)
+    if "cron" in update:
+        update.setdefault("interval_s", defaults.interval_s)
+    elif "interval_s" in update:
+        update["cron"] = None
+    return defaults.model_copy(update=update), []
 
 
-def _resolve_tenant(defaults: SyncSettings, raw: TenantConfig) -> Tenant:
+def _resolve_tenant(raw: TenantConfig, settings: SyncSettings) -> Tenant:
     api_key = raw.api_key or raw.api_key_env or raw.api_key_file
     password = raw.password or raw.password_env or raw.password_file
     auth: ApiKeyAuth | PasswordAuth
@@ -452,7 +577,7 @@ def _resolve_tenant(defaults: SyncSettings, raw: TenantConfig) -> Tenant:
         auth=auth,
         verify_tls=raw.verify_tls,
         ca_file=raw.ca_file,
-        settings=_effective_settings(defaults, raw),
+        settings=settings,
     )
 
 
@@ -480,13 +605,29 @@ def validate_config(
         )
     except ValidationError as exc:
         problems.extend(_format_validation_error(exc))
+    defaults = raw.sync if raw is not None else SyncSettings()
+    settings: list[SyncSettings | None] = []
+    tenants_data = data.get("tenants")
+    for index, tenant_data in enumerate(tenants_data if isinstance(tenants_data, list) else []):
+        overrides = (
+            {key: value for key, value in tenant_data.items() if key in SYNC_KEYS}
+            if isinstance(tenant_data, dict)
+            else {}
+        )
+        resolved, tenant_problems = _tenant_settings(defaults, overrides, index)
+        settings.append(resolved)
+        problems.extend(tenant_problems)
     if problems or raw is None:
         raise errors.ConfigError(problems, path)
     return Config(
         database=raw.database,
         sync=raw.sync,
         daemon=raw.daemon,
-        tenants=tuple(_resolve_tenant(raw.sync, tenant) for tenant in raw.tenants),
+        tenants=tuple(
+            _resolve_tenant(tenant, tenant_settings)
+            for tenant, tenant_settings in zip(raw.tenants, settings, strict=True)
+            if tenant_settings is not None
+        ),
         path=path,
         secret_files=_secret_files(file_data, base_dir or Path.cwd(), path),
     )
@@ -497,7 +638,7 @@ def _secret_files(data: Mapping[str, Any], base_dir: Path, path: Path | None) ->
     tenants = [t for t in data.get("tenants") or [] if isinstance(t, dict)]
     database_url = (data.get("database") or {}).get("url")
     inline = any("api_key" in t or "password" in t for t in tenants) or bool(
-        isinstance(database_url, str) and "://" in database_url and URL(database_url).password
+        isinstance(database_url, str) and database_url_password(database_url)
     )
     files = [path] if inline and path is not None else []
     for tenant in tenants:
@@ -529,7 +670,65 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         raise errors.ConfigError([f"cannot read: {exc.strerror or exc}"], path) from None
     except tomllib.TOMLDecodeError as exc:
         raise errors.ConfigError([f"not valid TOML: {exc}"], path) from None
+    except UnicodeDecodeError as exc:
+        raise errors.ConfigError(
+            [f"not UTF-8 text: {exc.reason} at byte {exc.start}"], path
+        ) from None
     return validate_config(data, environ=environ, base_dir=path.parent, path=path)
+
+
+@dataclass(frozen=True)
+class ConfigWarning:
+    """Something in a valid configuration that an operator should fix.
+
+    `subject` (a file path or a tenant) lets a reloading daemon say each one once.
+    """
+
+    subject: str
+    message: str
+    path: Path | None = None
+    # Permissions can change at any time: said at every (re)load. The rest once per subject.
+    repeat_on_reload: bool = False
+
+
+def config_warnings(cfg: Config) -> list[ConfigWarning]:
+    """Secret files others may read, and credentials that would cross the network in clear.
+
+    Reads file permissions: call it at every load, so a reload re-checks them.
+    """
+    found = []
+    for secret_file in cfg.secret_files:
+        if not loosely_readable(secret_file):
+            continue
+        if secret_file == cfg.path:
+            message = (
+                "the config file is readable by other users and syncd holds secrets in it: "
+                "chmod 600 it, or move them to api_key_file/password_file or the environment"
+            )
+        else:
+            message = f"secret file {secret_file} is readable by other users: chmod 600 it"
+        found.append(ConfigWarning(f"file:{secret_file}", message, secret_file, True))
+    for tenant in cfg.tenants:
+        url = URL(tenant.url)
+        if url.scheme == "http" and not _is_loopback(url.host or ""):
+            found.append(
+                ConfigWarning(
+                    f"tenant:{tenant.name}:{tenant.url}",
+                    f"tenant {tenant.name!r}: url is plain http:// to {url.host}: its "
+                    f"{'API key' if tenant.auth.method == 'api_key' else 'password'} and "
+                    "data cross the network unencrypted; use https://",
+                )
+            )
+    return found
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def loosely_readable(path: Path) -> bool:

@@ -16,6 +16,7 @@ not-ready on `/readyz`, skips runs, and re-checks with backoff.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -28,7 +29,7 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import cli, config, db, errors, logs, metrics, scheduler, store, sync, web
+from syncd import config, db, errors, logs, metrics, scheduler, store, sync, web
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +95,7 @@ class Daemon:
         self._config_path = config_path
         self._scrubber = scrubber
         self._listen_override = listen_override
-        self._metrics = metrics.Metrics()
+        self._metrics = metrics.Metrics(scrub=scrubber.scrub)
         self._events: asyncio.Queue[str] = asyncio.Queue()
         self._stop_requested = False
         self._database_problem: str | None = "not checked yet"
@@ -103,6 +104,8 @@ class Daemon:
         self._recheck_database = asyncio.Event()
         self._scheduler: scheduler.TenantScheduler | None = None
         self._seeded = False
+        # The CLI said these at start; a reload says only what is new (or a permission).
+        self._warned = {warning.subject for warning in config.config_warnings(cfg)}
 
     # --- web.DaemonView -------------------------------------------------------------------
 
@@ -134,7 +137,7 @@ class Daemon:
         with self._signal_handlers(loop):
             async with contextlib.AsyncExitStack() as stack:
                 engine = await stack.enter_async_context(
-                    cli.open_configured_engine(self._cfg, data_dir)
+                    db.open_configured_engine(self._cfg, data_dir)
                 )
                 app = web.create_app(self, self._metrics, scrub=self._scrubber.scrub)
                 bound_host, bound_port = await stack.enter_async_context(web.serve(app, host, port))
@@ -150,7 +153,9 @@ class Daemon:
                 )
 
                 async def sync_one(tenant: config.Tenant) -> sync.SyncResult:
-                    return await sync.sync_tenant(tenant, engine, observer=self._metrics)
+                    return await sync.sync_tenant(
+                        tenant, engine, observer=self._metrics, scrubber=self._scrubber
+                    )
 
                 self._scheduler = await stack.enter_async_context(
                     scheduler.open_scheduler(
@@ -176,7 +181,7 @@ class Daemon:
                 await self._handle_events()
                 log.info("stopping", grace_s=self._cfg.daemon.shutdown_grace_s)
         log.info("syncd stopped")
-        return cli.EXIT_OK
+        return errors.EXIT_OK
 
     @contextlib.contextmanager
     def _signal_handlers(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
@@ -226,6 +231,10 @@ class Daemon:
             )
             return
         self._scrubber.register(new.secrets())
+        for warning in config.config_warnings(new):
+            if warning.repeat_on_reload or warning.subject not in self._warned:
+                logs.log_config_warning(log, warning)
+                self._warned.add(warning.subject)
         pending = restart_needed(
             self._started_cfg, new, listen_overridden=self._listen_override is not None
         )
@@ -302,6 +311,15 @@ class Daemon:
             await self._check_database(engine)
 
 
+async def cmd_run(
+    args: argparse.Namespace, cfg: config.Config, scrubber: logs.SecretScrubber
+) -> int:
+    """`syncd run`: syncs every tenant on its schedule until stopped; returns the exit code."""
+    return await run_daemon(
+        cfg, data_dir=args.data_dir, config_path=cfg.path, listen=args.listen, scrubber=scrubber
+    )
+
+
 async def run_daemon(
     cfg: config.Config,
     *,
@@ -310,7 +328,7 @@ async def run_daemon(
     listen: str | None = None,
     scrubber: logs.SecretScrubber | None = None,
 ) -> int:
-    """`syncd run`: syncs every tenant on its schedule until stopped; returns the exit code.
+    """Syncs every tenant on its schedule until stopped; returns the exit code.
 
     `listen` (from `--listen`) overrides `[daemon] listen`; `scrubber` is the log scrubber,
     told about the secrets of every reloaded config.

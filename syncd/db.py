@@ -7,22 +7,47 @@ of it on exit; everything else receives it as an argument.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import sqlalchemy as sa
 import structlog
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import syncd
-from syncd import config, errors, models
+from syncd import config, embedded, errors, models
 
 log = structlog.get_logger(__name__)
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """True for an error of the database or its driver (SQLAlchemy-wrapped or raw asyncpg)."""
+    return isinstance(
+        exc,
+        sa.exc.DBAPIError
+        | sa.exc.InterfaceError
+        | asyncpg.PostgresError
+        | asyncpg.InterfaceError
+        | OSError
+        | errors.DatabaseError,
+    )
+
+
+@contextlib.contextmanager
+def database_errors(action: str) -> Iterator[None]:
+    """Turns the driver's errors into `errors.DatabaseError` ("try again later")."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, errors.DatabaseError) or not is_database_error(exc):
+            raise
+        raise errors.DatabaseError(f"{action}: {'; '.join(errors.cause_chain(exc))}") from exc
 
 
 def migrations_path() -> Path:
@@ -46,14 +71,6 @@ def alembic_config(connection: Connection | None = None) -> AlembicConfig:
     if connection is not None:
         alembic_cfg.attributes["connection"] = connection
     return alembic_cfg
-
-
-def safe_url(url: str) -> str:
-    """`url` with its password masked, fit for logs and messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return "<unparseable database url>"
 
 
 @contextlib.asynccontextmanager
@@ -87,6 +104,44 @@ async def open_engine(
         await engine.dispose()
 
 
+@contextlib.asynccontextmanager
+async def open_configured_engine(
+    cfg: config.Config, data_dir: Path | None, *, extra_connections: int = 2
+) -> AsyncIterator[AsyncEngine]:
+    """The engine for `database.url`, or for an embedded PostgreSQL when none is set.
+
+    Pool: one connection per concurrent tenant run plus `extra_connections` (readiness
+    checks, the status page), unless `database.pool_size` says otherwise.
+    """
+    pool_size = cfg.database.pool_size or cfg.daemon.max_concurrent_tenants + extra_connections
+    async with contextlib.AsyncExitStack() as stack:
+        if cfg.database.url is not None:
+            url = cfg.database.url.get_secret_value()
+        else:
+            url = await stack.enter_async_context(
+                embedded.running(data_dir or embedded.default_data_dir())
+            )
+        engine = await stack.enter_async_context(
+            open_engine(
+                url,
+                pool_size=pool_size,
+                statement_timeout_s=cfg.database.statement_timeout_s,
+                connect_timeout_s=cfg.database.connect_timeout_s,
+            )
+        )
+        yield engine
+
+
+@contextlib.asynccontextmanager
+async def open_migrated_engine(
+    cfg: config.Config, data_dir: Path | None
+) -> AsyncIterator[AsyncEngine]:
+    """`open_configured_engine`, refusing (`SchemaBehindError`) unless the schema is at head."""
+    async with open_configured_engine(cfg, data_dir) as engine:
+        await require_schema_at_head(engine)
+        yield engine
+
+
 @dataclass(frozen=True)
 class SchemaState:
     """Where the database's schema stands relative to this syncd's migrations."""
@@ -111,11 +166,9 @@ async def schema_state(engine: AsyncEngine) -> SchemaState:
     """The database's current revision and this syncd's head revision."""
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "syncd ships at least one migration"
-    try:
+    with database_errors("cannot reach the database"):
         async with engine.connect() as connection:
             current = await connection.run_sync(_current_revision)
-    except (OSError, sa.exc.DBAPIError) as exc:
-        raise errors.DatabaseError(f"cannot reach the database: {exc}") from exc
     return SchemaState(current=current, head=head)
 
 
@@ -148,13 +201,11 @@ def _downgrade(connection: Connection, revision: str) -> None:
 
 async def migrate(engine: AsyncEngine, revision: str = "head") -> SchemaState:
     """Upgrades the schema to `revision` (idempotent); returns the state afterwards."""
-    try:
+    with database_errors("migration failed"):
         async with engine.begin() as connection:
             # Two `syncd migrate` at once (two containers starting) must not interleave.
             await connection.execute(sa.text("SELECT pg_advisory_xact_lock(1398361667, 0)"))
             await connection.run_sync(_upgrade, revision)
-    except (OSError, sa.exc.DBAPIError) as exc:
-        raise errors.DatabaseError(f"migration failed: {exc}") from exc
     return await schema_state(engine)
 
 

@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import cli, config, db, embedded, errors
+from syncd import config, console, db, embedded, errors, logs
 from syncd import simulator as sim
 from syncd.sync import SyncResult
 
@@ -159,11 +159,9 @@ def _quiet_logs() -> Iterator[None]:
             logger.setLevel(level)
 
 
-async def _sync_round(
-    console: Console, cfg: config.Config, engine: AsyncEngine
-) -> list[SyncResult]:
-    return await cli.sync_with_progress(
-        console, list(cfg.tenants), engine, max_concurrent_tenants=cfg.daemon.max_concurrent_tenants
+async def _sync_round(out: Console, cfg: config.Config, engine: AsyncEngine) -> list[SyncResult]:
+    return await console.sync_with_progress(
+        out, list(cfg.tenants), engine, max_concurrent_tenants=cfg.daemon.max_concurrent_tenants
     )
 
 
@@ -204,7 +202,7 @@ def _failed(results: Sequence[SyncResult]) -> list[SyncResult]:
     return [result for result in results if result.status != "succeeded"]
 
 
-async def _wait_for_interrupt(console: Console) -> None:
+async def _wait_for_interrupt(out: Console) -> None:
     """Returns on Ctrl-C or SIGTERM (so the servers stop cleanly and the exit code is 0)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -213,33 +211,33 @@ async def _wait_for_interrupt(console: Console) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows
             loop.add_signal_handler(number, stop.set)
             handled.append(number)
-    console.print("\nThe database and the simulator stay up until you press Ctrl-C.")
+    out.print("\nThe database and the simulator stay up until you press Ctrl-C.")
     try:
         await stop.wait()
     finally:
         for number in handled:
             loop.remove_signal_handler(number)
-    console.print("stopping")
+    out.print("stopping")
 
 
-async def run_demo(args: argparse.Namespace) -> int:
-    """Runs the demo (see the module docstring); 0 when every step worked, else 1."""
-    console = cli.make_console()
+async def cmd_demo(args: argparse.Namespace, scrubber: logs.SecretScrubber) -> int:
+    """`syncd demo` (see the module docstring); 0 when every step worked, else 1."""
+    out = console.make_console()
     pairs: int = args.pairs
     if pairs < 100:
-        raise cli.UsageError("--pairs must be at least 100")
+        raise errors.UsageError("--pairs must be at least 100")
     data_dir: Path = args.data_dir or embedded.default_data_dir()
     state = demo_state(pairs)
     with _quiet_logs():
-        return await _run(console, state, data_dir, args)
+        return await _run(out, state, data_dir, args)
 
 
 async def _run(
-    console: Console, state: sim.SimulatorState, data_dir: Path, args: argparse.Namespace
+    out: Console, state: sim.SimulatorState, data_dir: Path, args: argparse.Namespace
 ) -> int:
     async with sim.run_simulator(state) as simulator_url:
         cfg = demo_config(simulator_url, state)
-        console.print(
+        out.print(
             f"[bold]syncd demo[/]: {DEMO_TENANTS} simulated VSPC tenants x {args.pairs} pairs "
             f"(simulator at {simulator_url})"
         )
@@ -247,29 +245,27 @@ async def _run(
             demo_url = await recreate_database(server_url, DEMO_DATABASE)
             async with db.open_engine(demo_url, pool_size=DEMO_TENANTS + 2) as engine:
                 await db.migrate(engine)
-                console.rule("Step 1 of 3: first sync (initial load)")
-                first = await _sync_round(console, cfg, engine)
-                console.print(cli.summary_table(first))
+                out.rule("Step 1 of 3: first sync (initial load)")
+                first = await _sync_round(out, cfg, engine)
+                out.print(console.summary_table(first))
                 if _failed(first):
-                    console.print("[red]the first sync failed; see the error column[/]")
-                    return cli.EXIT_FAILED
-                console.rule(
-                    f"Step 2 of 3: the simulator churns {CHURN_FRACTION:.0%} of each tenant"
-                )
+                    out.print("[red]the first sync failed; see the error column[/]")
+                    return errors.EXIT_FAILED
+                out.rule(f"Step 2 of 3: the simulator churns {CHURN_FRACTION:.0%} of each tenant")
                 churn = apply_churn(state)
                 for name, (removed, added) in churn.items():
-                    console.print(f"  {name}: removed {removed} pairs, added {added}")
-                console.rule("Step 3 of 3: second sync (only the changes are written)")
-                second = await _sync_round(console, cfg, engine)
-                console.print(cli.summary_table(second))
+                    out.print(f"  {name}: removed {removed} pairs, added {added}")
+                out.rule("Step 3 of 3: second sync (only the changes are written)")
+                second = await _sync_round(out, cfg, engine)
+                out.print(console.summary_table(second))
                 if _failed(second):
-                    console.print("[red]the second sync failed; see the error column[/]")
-                    return cli.EXIT_FAILED
-                return await _report(console, engine, state, second, demo_url, data_dir, args)
+                    out.print("[red]the second sync failed; see the error column[/]")
+                    return errors.EXIT_FAILED
+                return await _report(out, engine, state, second, demo_url, data_dir, args)
 
 
 async def _report(
-    console: Console,
+    out: Console,
     engine: AsyncEngine,
     state: sim.SimulatorState,
     second: Sequence[SyncResult],
@@ -277,9 +273,9 @@ async def _report(
     data_dir: Path,
     args: argparse.Namespace,
 ) -> int:
-    console.rule("Result")
+    out.rule("Result")
     for result in sorted(second, key=lambda r: r.tenant):
-        console.print(
+        out.print(
             f"  {result.tenant}: {result.current_pairs} pairs now; "
             f"second sync added {result.added}, removed {result.removed}"
         )
@@ -287,18 +283,18 @@ async def _report(
     total = sum(len(tenant.items) for tenant in state.tenants.values())
     if problems:
         for problem in problems:
-            console.print(f"[red]  copy differs from the simulator: {escape(problem)}[/]")
-        return cli.EXIT_FAILED
-    console.print(f"  verified: the copy matches the simulator exactly ({total} pairs compared)")
+            out.print(f"[red]  copy differs from the simulator: {escape(problem)}[/]")
+        return errors.EXIT_FAILED
+    out.print(f"  verified: the copy matches the simulator exactly ({total} pairs compared)")
 
-    console.rule("Ask the reporting views (schema syncd)")
+    out.rule("Ask the reporting views (schema syncd)")
     for number, query in enumerate(EXAMPLE_QUERIES, start=1):
-        console.print(f"\n[bold]-- {number}. {escape(query.title)}[/]")
-        console.print(escape(query.sql), highlight=False)
-        console.print(await _query_table(engine, query))
+        out.print(f"\n[bold]-- {number}. {escape(query.title)}[/]")
+        out.print(escape(query.sql), highlight=False)
+        out.print(await _query_table(engine, query))
 
     data_dir_arg = escape(str(data_dir))
-    console.rule("Next steps")
+    out.rule("Next steps")
     if args.keep_running:
         explore = f"Explore with psql:\n  {escape(_psql_command(demo_url))}\n"
     else:
@@ -308,7 +304,7 @@ async def _report(
             "to keep it up, run the demo with --keep-running (then Ctrl-C stops it):\n"
             f"  syncd --data-dir {data_dir_arg} demo --keep-running\n"
         )
-    console.print(
+    out.print(
         explore + "\nPoint syncd at a real VSPC:\n"
         "  1. copy config.example.toml (in syncd's repository) to syncd.toml, set each "
         "tenant's url and a read-only API key (api_key_env / api_key_file)\n"
@@ -318,5 +314,5 @@ async def _report(
         highlight=False,
     )
     if args.keep_running:
-        await _wait_for_interrupt(console)
-    return cli.EXIT_OK
+        await _wait_for_interrupt(out)
+    return errors.EXIT_OK

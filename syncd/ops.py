@@ -1,14 +1,14 @@
-"""Operator commands: `syncd check`, `syncd status` and `syncd grant-reader`.
+"""Operator commands: `syncd migrate`, `sync`, `check`, `status` and `grant-reader`.
 
 `check` talks to VSPC only (no database); `status` and `grant-reader` talk to the database
-only. Each `cmd_*` returns the command's exit code; errors the operator must act on are
-raised as `errors.SyncdError` subclasses, which the CLI prints and turns into exit 1.
+only. Each `cmd_*(args, cfg, scrubber)` returns the command's exit code; errors the operator
+must act on are raised as `errors.SyncdError` subclasses, which the CLI prints and turns
+into exit 1 (or 2 for usage and configuration errors).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -22,12 +22,54 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import cli, config, errors, models, store, vspc
+from syncd import config, console, db, errors, logs, models, store, sync, vspc
 
 # `check` is interactive: a dead server should be reported in seconds, not after the full
 # retry budget a scheduled sync deserves.
 CHECK_MAX_RETRIES = 1
 CHECK_BACKOFF_MAX_S = 2.0
+
+
+# --- migrate and sync ----------------------------------------------------------------------
+
+
+async def cmd_migrate(
+    args: argparse.Namespace, cfg: config.Config, scrubber: logs.SecretScrubber
+) -> int:
+    """`syncd migrate`: brings the schema to this syncd's head revision."""
+    async with db.open_configured_engine(cfg, args.data_dir) as engine:
+        before = await db.schema_state(engine)
+        after = await db.migrate(engine)
+    if before.current == after.current:
+        print(f"schema already at {after.current}")
+    else:
+        print(f"schema upgraded from {before.current or 'nothing'} to {after.current}")
+    return errors.EXIT_OK
+
+
+async def cmd_sync(
+    args: argparse.Namespace, cfg: config.Config, scrubber: logs.SecretScrubber
+) -> int:
+    """`syncd sync`: every (or each named) tenant once; 0 when all succeeded, else 1."""
+    tenants = cfg.select_tenants(args.tenant)
+    if not tenants:
+        raise errors.UsageError("no tenants configured: add [[tenants]] to the config file")
+    if args.allow_mass_delete and not args.tenant:
+        raise errors.UsageError(
+            "--allow-mass-delete needs --tenant NAME: allow it one tenant at a time"
+        )
+    out = console.make_console()
+    async with db.open_migrated_engine(cfg, args.data_dir) as engine:
+        results = await console.sync_with_progress(
+            out,
+            tenants,
+            engine,
+            max_concurrent_tenants=cfg.daemon.max_concurrent_tenants,
+            allow_mass_delete=args.allow_mass_delete,
+            scrubber=scrubber,
+        )
+    out.print(console.summary_table(results))
+    return console.sync_exit_code(results)
 
 
 # --- check ---------------------------------------------------------------------------------
@@ -127,13 +169,24 @@ def _quick(tenant: config.Tenant) -> config.Tenant:
     return dataclasses.replace(tenant, settings=settings)
 
 
-async def check_tenant(tenant: config.Tenant) -> CheckResult:
-    """Authenticates as `tenant` and fetches one item of the first page."""
+async def check_tenant(
+    tenant: config.Tenant, scrubber: logs.SecretScrubber | None = None
+) -> CheckResult:
+    """Authenticates as `tenant` and fetches one item of the first page.
+
+    Always returns a result; its problem text is cleaned and scrubbed of known secrets
+    (the tenant's own, and tokens obtained while checking).
+    """
+    secrets = scrubber if scrubber is not None else logs.SecretScrubber()
+    secrets.register(tenant.secrets())
     try:
-        async with vspc.open_client(_quick(tenant)) as client:
+        async with vspc.open_client(_quick(tenant), on_secret=secrets.register) as client:
             page = await client.fetch_first_page(limit=1)
     except errors.TenantError as exc:
-        return _diagnose(tenant, exc)
+        result = _diagnose(tenant, exc)
+        return dataclasses.replace(
+            result, problem=errors.clean_text(secrets.scrub(result.problem or ""))
+        )
     return CheckResult(
         tenant=tenant.name,
         auth_method=tenant.auth.method,
@@ -145,16 +198,32 @@ async def check_tenant(tenant: config.Tenant) -> CheckResult:
 
 
 async def check_tenants(
-    tenants: Sequence[config.Tenant], *, max_concurrent: int
+    tenants: Sequence[config.Tenant],
+    *,
+    max_concurrent: int,
+    scrubber: logs.SecretScrubber | None = None,
 ) -> list[CheckResult]:
-    """`check_tenant` for each tenant, at most `max_concurrent` at once, in the given order."""
-    limit = asyncio.Semaphore(max_concurrent)
+    """`check_tenant` for each tenant, at most `max_concurrent` at once, in the given order.
 
-    async def one(tenant: config.Tenant) -> CheckResult:
-        async with limit:
-            return await check_tenant(tenant)
+    One tenant's failure, of any kind, never stops another's check.
+    """
 
-    return list(await asyncio.gather(*(one(tenant) for tenant in tenants)))
+    def crashed(tenant: config.Tenant, exc: Exception) -> CheckResult:
+        return CheckResult(
+            tenant=tenant.name,
+            auth_method=tenant.auth.method,
+            reachable="-",
+            tls=_tls_in_use(tenant),
+            page_ok=False,
+            problem=errors.clean_text(f"internal error: {type(exc).__name__}: {exc}"),
+        )
+
+    return await sync.run_each(
+        tenants,
+        lambda tenant: check_tenant(tenant, scrubber),
+        max_concurrent=max_concurrent,
+        on_crash=crashed,
+    )
 
 
 def check_table(results: Sequence[CheckResult]) -> Table:
@@ -174,27 +243,32 @@ def check_table(results: Sequence[CheckResult]) -> Table:
     return table
 
 
-async def cmd_check(args: argparse.Namespace, cfg: config.Config) -> int:
+async def cmd_check(
+    args: argparse.Namespace, cfg: config.Config, scrubber: logs.SecretScrubber
+) -> int:
     """`syncd check`: 0 when every (selected) tenant authenticated and served a page, else 1."""
-    tenants = cli.select_tenants(cfg, args.tenant)
+    tenants = cfg.select_tenants(args.tenant)
     if not tenants:
-        raise cli.UsageError("no tenants configured: add [[tenants]] to the config file")
-    console = cli.make_console()
+        raise errors.UsageError("no tenants configured: add [[tenants]] to the config file")
+    out = console.make_console()
     where = f"{cfg.path}" if cfg.path is not None else "the configuration"
-    console.print(f"{escape(where)}: valid, {len(cfg.tenants)} tenant(s)", highlight=False)
-    results = await check_tenants(tenants, max_concurrent=cfg.daemon.max_concurrent_tenants)
-    console.print(check_table(results))
+    out.print(f"{escape(where)}: valid, {len(cfg.tenants)} tenant(s)", highlight=False)
+    results = await check_tenants(
+        tenants, max_concurrent=cfg.daemon.max_concurrent_tenants, scrubber=scrubber
+    )
+    out.print(check_table(results))
     failed = [result for result in results if not result.page_ok]
     for result in failed:
         # soft_wrap: a long message stays one line, for grep and for the terminal to wrap.
-        console.print(
+        out.print(
             f"[bold red]{escape(result.tenant)}[/]: {escape(result.problem or '')}",
             soft_wrap=True,
+            highlight=False,
         )
         if result.hint:
-            console.print(f"  hint: {escape(result.hint)}", highlight=False, soft_wrap=True)
-    console.print(f"{len(results) - len(failed)} of {len(results)} tenant(s) passed")
-    return cli.EXIT_OK if not failed else cli.EXIT_FAILED
+            out.print(f"  hint: {escape(result.hint)}", highlight=False, soft_wrap=True)
+    out.print(f"{len(results) - len(failed)} of {len(results)} tenant(s) passed")
+    return errors.EXIT_OK if not failed else errors.EXIT_FAILED
 
 
 # --- status --------------------------------------------------------------------------------
@@ -301,20 +375,22 @@ def status_table(statuses: Sequence[TenantStatus]) -> Table:
     return table
 
 
-async def cmd_status(args: argparse.Namespace, cfg: config.Config) -> int:
+async def cmd_status(
+    args: argparse.Namespace, cfg: config.Config, scrubber: logs.SecretScrubber
+) -> int:
     """`syncd status`: 0 when every configured tenant's last run succeeded, else 1."""
-    async with cli.open_migrated_engine(cfg, args.data_dir) as engine:
+    async with db.open_migrated_engine(cfg, args.data_dir) as engine:
         statuses = await read_status(engine, [tenant.name for tenant in cfg.tenants])
     ok = all(status.ok for status in statuses if status.configured)
     if args.json:
         document = {"ok": ok, "tenants": [status.as_json() for status in statuses]}
         print(json.dumps(document, indent=2))
     else:
-        console = cli.make_console()
-        console.print(status_table(statuses))
+        out = console.make_console()
+        out.print(status_table(statuses))
         if not statuses:
-            console.print("no tenants configured and none synced yet")
-    return cli.EXIT_OK if ok else cli.EXIT_FAILED
+            out.print("no tenants configured and none synced yet")
+    return errors.EXIT_OK if ok else errors.EXIT_FAILED
 
 
 # --- grant-reader --------------------------------------------------------------------------
@@ -365,13 +441,13 @@ async def grant_reader(engine: AsyncEngine, role: str) -> list[str]:
     return statements
 
 
-async def cmd_grant_reader(args: argparse.Namespace, cfg: config.Config) -> int:
+async def cmd_grant_reader(
+    args: argparse.Namespace, cfg: config.Config, scrubber: logs.SecretScrubber
+) -> int:
     """`syncd grant-reader ROLE`: 0 when granted; a missing role raises `RoleNotFound`."""
-    async with cli.open_migrated_engine(cfg, args.data_dir) as engine:
-        try:
+    async with db.open_migrated_engine(cfg, args.data_dir) as engine:
+        with db.database_errors(f"cannot grant to role {args.role!r}"):
             statements = await grant_reader(engine, args.role)
-        except (OSError, sa.exc.DBAPIError) as exc:
-            raise errors.DatabaseError(f"cannot grant to role {args.role!r}: {exc}") from exc
     for statement in statements:
         print(f"{statement};")
     print(
@@ -379,4 +455,4 @@ async def cmd_grant_reader(args: argparse.Namespace, cfg: config.Config) -> int:
         f"{models.SCHEMA}, and nothing else there. Run this again after upgrading syncd: a "
         "migration that recreates a view drops its grants."
     )
-    return cli.EXIT_OK
+    return errors.EXIT_OK

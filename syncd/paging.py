@@ -75,18 +75,19 @@ class SnapshotOutcome:
     problems: tuple[str, ...]
 
 
-def plan_offsets(total: int, page_size: int, *, overlap: bool = True) -> list[int]:
+def plan_offsets(total: int, page_size: int, *, overlap: bool = True) -> range:
     """Offsets to fetch after the first page (offset 0) so that 0..total-1 are covered.
 
-    With `overlap`, pages advance by `page_size - 1` so each shares its first position with
-    the previous page's last; a page size of 1 cannot overlap and advances by 1.
+    A `range`: produced lazily, whatever `total` a server claims. With `overlap`, pages
+    advance by `page_size - 1` so each shares its first position with the previous page's
+    last; a page size of 1 cannot overlap and advances by 1.
     """
     if page_size < 1:
         raise ValueError(f"page_size must be at least 1, not {page_size}")
     stride = page_size - 1 if overlap and page_size > 1 else page_size
     # Page k covers [k*stride, k*stride + page_size): n later pages, the last reaching total.
     later_pages = max(0, -(-(total - page_size) // stride))
-    return [stride * k for k in range(1, later_pages + 1)]
+    return range(stride, stride * later_pages + 1, stride)
 
 
 def parse_page(
@@ -167,19 +168,26 @@ class SnapshotTracker:
     """The state of one snapshot: plans it from the first page, checks it as pages arrive.
 
     Keeps only the first and last pair of each page (enough for the overlap check), so
-    memory grows with the number of pages, not items. Pages may be recorded in any order.
+    memory grows with the number of pages, not items, and the number of pages is bounded
+    by `max_total / limit`. Pages may be recorded in any order.
     """
 
-    def __init__(self, *, tenant: str, limit: int) -> None:
+    def __init__(self, *, tenant: str, limit: int, max_total: int) -> None:
         self.tenant = tenant
         self.limit = limit
-        self.page_size = limit
+        self.max_total = max_total
         self.total: int | None = None
         self._edges: dict[int, _Edges] = {}
         self._problems: list[str] = []
 
-    def start(self, first: Page) -> list[int]:
-        """Records the first page; returns the offsets still to fetch, with `page_size`."""
+    def start(self, first: Page) -> range:
+        """Records the first page; returns the offsets still to fetch, `limit` items each.
+
+        Raises `errors.BoundExceeded` when the server claims more than `max_total` items,
+        and `errors.PageProblem` when it served fewer items than asked for: the page size
+        is the one requested, never learned from a short page (a server that claims
+        millions of items and sends one would otherwise plan millions of requests).
+        """
         count = len(first.pairs)
         if not first.has_paging_info:
             if count >= self.limit:
@@ -189,16 +197,28 @@ class SnapshotTracker:
                     "cannot tell whether more items exist"
                 )
                 self.record(first)
-                return []
+                return range(0)
             self.total = count
             self.record(first)
-            return []
+            return range(0)
+        if first.total > self.max_total:
+            raise errors.BoundExceeded(
+                f"tenant {self.tenant!r}: the server reports {first.total} items, more than "
+                f"max_total ({self.max_total}); if that many are real, raise [sync] max_total",
+                key="max_total",
+            )
+        if count < min(self.limit, first.total):
+            raise errors.PageProblem(
+                f"tenant {self.tenant!r}, offset 0: data: {count} items for limit "
+                f"{self.limit} of {first.total}: the server serves smaller pages than asked "
+                f"for; set [sync] page_size = {max(count, 1)} for this tenant",
+                tenant=self.tenant,
+                offset=0,
+                field="data",
+            )
         self.total = first.total
-        if 0 < count < min(self.limit, first.total):
-            # The server's MaxPageSize is below what was asked: page at the size it serves.
-            self.page_size = count
         self.record(first)
-        return plan_offsets(first.total, self.page_size)
+        return plan_offsets(first.total, self.limit)
 
     def record(self, page: Page) -> None:
         """Notes a page that passed `parse_page`."""

@@ -14,13 +14,14 @@ from email.utils import parsedate_to_datetime
 
 import orjson
 
+from syncd import errors
+
 # Client errors VSPC keeps as such: sending the same request again cannot help.
 NEVER_RETRY = frozenset({400, 403, 404, 405, 409, 415})
 RETRYABLE_ERROR_TYPES = frozenset({"transport", "retryableLogical"})
 # VSPC's own verdict that a server error is not transient.
 FINAL_ERROR_TYPES = frozenset({"logical", "security"})
 UNSUPPORTED_API_VERSION = "UnsupportedApiVersion"
-_MESSAGE_MAX = 300
 
 
 class Verdict(enum.Enum):
@@ -56,18 +57,23 @@ def parse_error_body(body: bytes) -> ErrorBody:
         return ErrorBody()
     single = document.get("error")
     if isinstance(single, dict):
-        return ErrorBody(message=_text(single.get("message")), code=_text(single.get("code")))
+        message = _text(single.get("message"))
+        code = _text(single.get("code"))
+        return ErrorBody(
+            message=None if message is None else errors.clean_text(message),
+            code=None if code is None else errors.clean_text(code, limit=100),
+        )
     entries = document.get("errors")
     if not isinstance(entries, list):
         return ErrorBody()
-    errors = [entry for entry in entries if isinstance(entry, dict)]
-    messages = [text for entry in errors if (text := _text(entry.get("message")))]
-    types = tuple(text for entry in errors if (text := _text(entry.get("type"))))
+    objects = [entry for entry in entries if isinstance(entry, dict)]
+    messages = [text for entry in objects if (text := _text(entry.get("message")))]
+    types = tuple(text for entry in objects if (text := _text(entry.get("type"))))
     retry_after = [
-        value for entry in errors if (value := _seconds(entry.get("retryAfter"))) is not None
+        value for entry in objects if (value := _seconds(entry.get("retryAfter"))) is not None
     ]
     return ErrorBody(
-        message="; ".join(messages)[:_MESSAGE_MAX] or None,
+        message=errors.clean_text("; ".join(messages)) or None,
         types=types,
         retry_after_s=max(retry_after) if retry_after else None,
     )

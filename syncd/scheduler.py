@@ -25,7 +25,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from syncd import config, errors, metrics, store
+from syncd import config, metrics, store, sync
+from syncd.models import RunStatus
 from syncd.sync import SyncResult
 
 log = structlog.get_logger(__name__)
@@ -351,14 +352,13 @@ class TenantScheduler:
             self._record(name, started, result, tenant_failed=tenant_failed)
 
     async def _run(self, tenant: config.Tenant) -> tuple[SyncResult, bool]:
-        """(result, whether it counts as the tenant's own failure) of one run."""
+        """(result, whether it counts as the tenant's own failure) of one run.
+
+        `sync_tenant` returns a result whatever fails inside it; only cancellation comes
+        out as an exception, and at shutdown that is expected.
+        """
         try:
             result = await self._sync(tenant)
-        except errors.DatabaseError as exc:
-            # The database's trouble, not the tenant's: no backoff, but re-check readiness.
-            self._on_database_error()
-            log.error("run failed: database unreachable", error=str(exc))
-            return SyncResult(tenant=tenant.name, status="failed", error=str(exc)), False
         except asyncio.CancelledError:
             if not self._stopping:
                 raise
@@ -366,17 +366,12 @@ class TenantScheduler:
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            error = "interrupted: syncd was stopped"
-            return SyncResult(tenant=tenant.name, status="failed", error=error), False
-        except Exception as exc:
-            # A bug in one tenant's run must not stop the others or the scheduler.
-            log.exception("run crashed")
-            error = f"internal error: {exc!r}"
-            return SyncResult(tenant=tenant.name, status="failed", error=error), True
+            return SyncResult(tenant.name, RunStatus.FAILED, error=sync.INTERRUPTED), False
         if result.database_failure:
+            # The database's trouble, not the tenant's: no backoff, but re-check readiness.
             self._on_database_error()
             return result, False
-        return result, result.status == "failed"
+        return result, result.status is RunStatus.FAILED
 
     def _record(
         self, name: str, started: datetime | None, result: SyncResult, *, tenant_failed: bool
@@ -387,7 +382,7 @@ class TenantScheduler:
         finished = datetime.now(UTC)
         if tenant_failed:
             state.consecutive_failures += 1
-        elif result.status in ("succeeded", "partial"):
+        elif result.status in (RunStatus.SUCCEEDED, RunStatus.PARTIAL):
             state.consecutive_failures = 0
         state.last_run_at = started
         state.last_finished_at = finished
@@ -395,7 +390,7 @@ class TenantScheduler:
         state.last_error = result.error
         state.last_run_id = result.run_id
         state.last_duration_s = round(result.duration_s, 3)
-        if result.status == "succeeded":
+        if result.status is RunStatus.SUCCEEDED:
             state.last_success_at = finished
         if result.current_pairs is not None:
             state.pairs = result.current_pairs

@@ -20,10 +20,12 @@ quickly; call `SimulatorState.invalidate` after editing `SimTenant.items` by han
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -31,6 +33,7 @@ import secrets
 import ssl
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -68,10 +71,18 @@ FAULT_KINDS = frozenset(
         "wrong_count",
         "drift",
         "null_meta",
+        # A hostile server's answers.
+        "huge_total",
+        "short_page",
+        "oversized_body",
+        "gzip_bomb",
+        "echo_secret",
+        "message",
     }
 )
 # The token endpoint has no pages, so only these make sense there (and only with offset None).
-TOKEN_FAULT_KINDS = frozenset({"429", "520", "latency", "hang"})
+TOKEN_FAULT_KINDS = frozenset({"429", "520", "latency", "hang", "echo_secret", "message"})
+ERROR_SHAPES = ("errors", "error", "oauth")
 
 _JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 _PAGE_CACHE_ENTRIES = 50_000
@@ -101,9 +112,14 @@ class Fault:
 
     Kinds: "429", "520", "status", "403", "401", "async202", "latency", "hang",
     "malformed_json", "truncated", "bad_uuid", "missing_field", "wrong_total", "wrong_offset",
-    "wrong_count", "drift", "null_meta". The token endpoint honours "429", "520", "latency"
-    and "hang" when `offset` is None. `error_type` None means "transport" for "520" and
-    "logical" for "status".
+    "wrong_count", "drift", "null_meta", and a hostile server's: "huge_total" (the page
+    claims `total` items), "short_page" (one item, whatever the limit), "oversized_body"
+    (a valid page padded to `size_bytes`), "gzip_bomb" (a gzip body that inflates to
+    `size_bytes`), "echo_secret" (an error quoting the request's Authorization header, or
+    the password sent to the token endpoint) and "message" (an error whose text is
+    `message`, in the error `shape` "errors", "error" or "oauth"). The token endpoint
+    honours "429", "520", "latency", "hang", "echo_secret" and "message" when `offset` is
+    None. `error_type` None means "transport" for "520" and "logical" for "status".
     """
 
     kind: str
@@ -117,6 +133,10 @@ class Fault:
     status: int | None = None
     error_type: str | None = None
     polls: int = 2
+    total: int = 10**12
+    size_bytes: int = 64 * 1024**2
+    message: str = ""
+    shape: str = "errors"
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -129,6 +149,8 @@ class Fault:
             raise ValueError("probability must be within 0..1")
         if self.times is not None and self.times < 1:
             raise ValueError("times must be at least 1, or None for forever")
+        if self.shape not in ERROR_SHAPES:
+            raise ValueError(f"shape must be one of {ERROR_SHAPES}")
 
 
 @dataclass
@@ -278,6 +300,36 @@ def _vspc_error(
     """The VSPC error envelope; server errors are always sent as 520."""
     http_status = 520 if status >= 500 else status
     return _json_response(http_status, _error_body(status, message, error_type), headers)
+
+
+def _padded_page(body: bytes, size_bytes: int) -> bytes:
+    """A valid page body grown to `size_bytes` with JSON whitespace."""
+    return body + b" " * max(0, size_bytes - len(body))
+
+
+@functools.lru_cache(maxsize=4)
+def _gzip_bomb(body: bytes, size_bytes: int) -> bytes:
+    """`body` padded to `size_bytes` and gzipped: kilobytes on the wire, megabytes inflated."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [compressor.compress(body)]
+    chunk = b" " * (1024 * 1024)
+    remaining = max(0, size_bytes - len(body))
+    while remaining > 0:
+        parts.append(compressor.compress(chunk[: min(remaining, len(chunk))]))
+        remaining -= len(chunk)
+    parts.append(compressor.flush())
+    return b"".join(parts)
+
+
+def _error_in_shape(status: int, message: str, shape: str) -> web.Response:
+    """An error answer carrying `message` in one of VSPC's error shapes."""
+    if shape == "oauth":
+        return _oauth_error("invalid_request", message)
+    if shape == "error":
+        return _json_response(
+            status, orjson.dumps({"error": {"code": "BadRequest", "message": message}})
+        )
+    return _json_response(status, _error_body(status, message, "logical"))
 
 
 def _oauth_error(error: str, description: str) -> web.Response:
@@ -641,7 +693,7 @@ class SimulatorState:
         return _json_response(202, body, {"Location": f"{ASYNC_ACTIONS_PATH}/{action_id}"})
 
 
-def _faulty_document(document: dict[str, Any], kind: str) -> dict[str, Any]:
+def _faulty_document(document: dict[str, Any], kind: str, total: int) -> dict[str, Any]:
     """`document` damaged as `kind` says (the cached items are copied, never edited)."""
     data: list[dict[str, str]] = document["data"]
     paging: dict[str, int] = document["meta"]["pagingInfo"]
@@ -657,6 +709,11 @@ def _faulty_document(document: dict[str, Any], kind: str) -> dict[str, Any]:
         paging["count"] = len(data) + 1
     elif kind == "null_meta":
         document["meta"] = None
+    elif kind == "huge_total":
+        paging["total"] = total
+    elif kind == "short_page":
+        document["data"] = data[:1]
+        paging["count"] = len(document["data"])
     return document
 
 
@@ -751,6 +808,11 @@ class _Api:
 
         delay_s, fault = state._take_fault(tenant, None, TOKEN_FAULT_KINDS)
         await self._sleep(delay_s)
+        if fault is not None and fault.kind == "echo_secret":
+            sent = ", ".join(f"{key}={value}" for key, value in fields.items())
+            return _oauth_error("invalid_request", f"Cannot parse the request: {sent}")
+        if fault is not None and fault.kind == "message":
+            return _error_in_shape(fault.status or 400, fault.message, fault.shape)
         if fault is not None:
             return await self._error_fault(fault)
 
@@ -845,7 +907,21 @@ class _Api:
             if kind == "wrong_offset":
                 first_page = dataclasses.replace(query, offset=0)
                 return _json_response(200, state._page_body(tenant, first_page))
-            document = _faulty_document(state._page_document(tenant, query), fault.kind)
+            if kind == "echo_secret":
+                header = request.headers.get("Authorization", "")
+                message = f"Malformed request header: Authorization: {header}"
+                return _error_in_shape(fault.status or 400, message, fault.shape)
+            if kind == "message":
+                return _error_in_shape(fault.status or 400, fault.message, fault.shape)
+            if kind == "oversized_body":
+                body = _padded_page(state._page_body(tenant, query), fault.size_bytes)
+                return _json_response(200, body)
+            if kind == "gzip_bomb":
+                bomb = _gzip_bomb(state._page_body(tenant, query), fault.size_bytes)
+                return _json_response(200, bomb, {"Content-Encoding": "gzip"})
+            document = _faulty_document(
+                state._page_document(tenant, query), fault.kind, fault.total
+            )
             return _json_response(200, orjson.dumps(document))
         finally:
             state.in_flight[tenant] -= 1
@@ -931,3 +1007,11 @@ async def serve(
         print_fn("\nsyncd configuration:\n")
         print_fn(_config_snippet(url, dataset))
         await asyncio.Event().wait()
+
+
+async def cmd_simulate(args: argparse.Namespace, scrubber: object) -> int:
+    """`syncd simulate`: serves a generated dataset until interrupted."""
+    await serve(
+        host=args.host, port=args.port, tenants=args.tenants, pairs=args.pairs, seed=args.seed
+    )
+    return 0

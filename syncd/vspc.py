@@ -12,13 +12,12 @@ into log lines, exception messages or reprs.
 from __future__ import annotations
 
 import asyncio
-import collections
 import errno
 import os
 import random
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -84,13 +83,26 @@ def token_refresh_after_s(lifetime_s: float, margin_s: float) -> float:
     return lifetime_s - min(margin_s, lifetime_s / 2)
 
 
+SecretSink = Callable[[Iterable[str]], None]
+"""Told every secret the client obtains at run time (access and refresh tokens)."""
+
+
+def _ignore_secrets(secrets: Iterable[str]) -> None:
+    pass
+
+
 @asynccontextmanager
 async def open_client(
-    tenant: config.Tenant, *, observer: RequestObserver | None = None
+    tenant: config.Tenant,
+    *,
+    observer: RequestObserver | None = None,
+    on_secret: SecretSink = _ignore_secrets,
 ) -> AsyncIterator[VspcClient]:
     """A client for `tenant`, owning one HTTP session that is closed on exit.
 
-    Raises `errors.TransportError` when the tenant's `ca_file` cannot be loaded.
+    `on_secret` receives each token the moment it arrives, before any use of it, so the
+    scrubbers of logs, the database and the terminal know it. Raises
+    `errors.TransportError` when the tenant's `ca_file` cannot be loaded.
     """
     settings = tenant.settings
     log = _log.bind(tenant=tenant.name)
@@ -107,7 +119,7 @@ async def open_client(
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, raise_for_status=False
     ) as session:
-        yield VspcClient(tenant, session, observer=observer)
+        yield VspcClient(tenant, session, observer=observer, on_secret=on_secret)
 
 
 class VspcClient:
@@ -119,8 +131,10 @@ class VspcClient:
         session: aiohttp.ClientSession,
         *,
         observer: RequestObserver | None = None,
+        on_secret: SecretSink = _ignore_secrets,
     ) -> None:
         self._tenant = tenant
+        self._on_secret = on_secret
         self._settings = tenant.settings
         self._session = session
         self._observer: RequestObserver = observer or _NoObserver()
@@ -131,7 +145,12 @@ class VspcClient:
         if isinstance(tenant.auth, config.ApiKeyAuth):
             self._auth = _ApiKey(tenant.auth)
         else:
-            self._auth = _PasswordSession(self, tenant.auth)
+            self._auth = _PasswordSession(
+                tenant.auth,
+                grant=self._grant,
+                refresh_margin_s=self._settings.token_refresh_margin_s,
+                log=self._log,
+            )
 
     def __repr__(self) -> str:
         return f"<VspcClient tenant={self._tenant.name!r} url={self._tenant.url!r}>"
@@ -155,25 +174,20 @@ class VspcClient:
         are fetched concurrently (at most `max_concurrent_pages`); one that fails or fails a
         check makes the outcome incomplete but the others go on. `on_page` is never run
         concurrently with itself; if it raises, outstanding fetches are cancelled and the
-        exception propagates. An `AuthError` or `TransportError` mid-snapshot also ends it
-        (and propagates): every later page would fail too, and each would try the password
-        again.
+        exception propagates. An `AuthError`, `TransportError` or `BoundExceeded`
+        mid-snapshot also ends it (and propagates): every later page would fail too, and
+        each would try the password again or read another oversized body.
         """
         limit = min(self._settings.page_size, paging.MAX_PAGE_SIZE)
         first = await self._fetch_page(0, limit, None)
-        tracker = paging.SnapshotTracker(tenant=self._tenant.name, limit=limit)
-        offsets = tracker.start(first)
-        if tracker.page_size != limit:
-            self._log.info(
-                "vspc pages are smaller than asked for", asked=limit, served=tracker.page_size
-            )
-        self._log.info(
-            "snapshot started",
-            total=tracker.total,
-            pages=len(offsets) + 1,
-            page_size=tracker.page_size,
+        tracker = paging.SnapshotTracker(
+            tenant=self._tenant.name, limit=limit, max_total=self._settings.max_total
         )
-        pending = collections.deque(offsets)
+        offsets = tracker.start(first)
+        self._log.info(
+            "snapshot started", total=tracker.total, pages=len(offsets) + 1, page_size=limit
+        )
+        pending = iter(offsets)
         workers = min(self._settings.max_concurrent_pages, len(offsets))
         # Bounded: at most `workers` pages in flight plus `workers` waiting for on_page.
         results: asyncio.Queue[paging.Page | _PageFailure | Exception] = asyncio.Queue(
@@ -181,12 +195,11 @@ class VspcClient:
         )
 
         async def work() -> None:
-            while pending:
-                offset = pending.popleft()
+            for offset in pending:
                 result: paging.Page | _PageFailure | Exception
                 try:
-                    result = await self._fetch_page(offset, tracker.page_size, tracker.total)
-                except (errors.AuthError, errors.TransportError) as exc:
+                    result = await self._fetch_page(offset, limit, tracker.total)
+                except (errors.AuthError, errors.TransportError, errors.BoundExceeded) as exc:
                     await results.put(exc)
                     return
                 except errors.TenantError as exc:
@@ -377,8 +390,8 @@ class VspcClient:
             async with self._session.request(
                 method, url, params=params, data=form, headers=headers, allow_redirects=False
             ) as response:
-                body = await response.read()
                 status, response_headers = response.status, response.headers
+                body = await self._read_body(response, where)
         except TimeoutError as exc:
             self._observer.request_done(self._tenant.name, "timeout")
             raise errors.RetryableError(
@@ -419,6 +432,33 @@ class VspcClient:
         )
         self._observer.request_done(self._tenant.name, str(status))
         return _Answer(status, response_headers, body, credential)
+
+    async def _read_body(self, response: aiohttp.ClientResponse, where: str) -> bytes:
+        """The body, refused past `max_body_size` before and after decompression.
+
+        `Content-Length` (the size on the wire) is checked before reading; the decompressed
+        size is counted as it streams in, so a gzip bomb stops at the cap, not in memory.
+        """
+        cap = self._settings.max_body_bytes
+        announced = response.content_length
+        if announced is not None and announced > cap:
+            self._raise_too_big(where, f"Content-Length announces {announced} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > cap:
+                self._raise_too_big(where, f"more than {cap} bytes arrived")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _raise_too_big(self, where: str, what: str) -> NoReturn:
+        cap = self._settings.max_body_bytes
+        raise errors.BoundExceeded(
+            f"{where}: response body too large ({what}; max_body_size is {cap} bytes, "
+            "decompressed): if VSPC's pages are really that big, raise [sync] max_body_size",
+            key="max_body_size",
+        )
 
     def _raise_for(self, answer: _Answer, where: str, *, after_renewal: bool = False) -> NoReturn:
         """Raises what a non-200 answer means: RetryableError, AuthError or ApiError."""
@@ -466,7 +506,11 @@ class VspcClient:
         async def attempt() -> _Grant:
             answer = await self._send("POST", url, where, form=form, authorize=False)
             if answer.status == 200:
-                return _parse_grant(answer.body, where)
+                grant = _parse_grant(answer.body, where)
+                self._on_secret(
+                    [token for token in (grant.access_token, grant.refresh_token) if token]
+                )
+                return grant
             if answer.status in (400, 401):
                 oauth = _oauth_error(answer.body)
                 if oauth is not None:
@@ -522,7 +566,7 @@ def _parse_grant(body: bytes, where: str) -> _Grant:
 
 
 def _oauth_error(body: bytes) -> tuple[str, str] | None:
-    """(error, error_description) of an OAuth2 error body, if it is one."""
+    """(error, error_description) of an OAuth2 error body, if it is one; server text cleaned."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -530,7 +574,10 @@ def _oauth_error(body: bytes) -> tuple[str, str] | None:
     if not isinstance(document, dict) or not isinstance(document.get("error"), str):
         return None
     description = document.get("error_description")
-    return document["error"], description if isinstance(description, str) else ""
+    return (
+        errors.clean_text(document["error"], limit=100),
+        errors.clean_text(description) if isinstance(description, str) else "",
+    )
 
 
 class _ApiKey:
@@ -546,16 +593,29 @@ class _ApiKey:
         return self._auth.api_key.get_secret_value()
 
 
+GrantFunction = Callable[[Mapping[str, str]], Awaitable[_Grant]]
+
+
 class _PasswordSession:
     """Access and refresh tokens from the password grant, renewed before they expire.
 
     One lock serializes renewals, so pages fetched concurrently share one refresh instead
     of each starting its own (and invalidating each other's rotated refresh tokens).
+    `grant` runs one OAuth2 grant (the client's token request, with its retries).
     """
 
-    def __init__(self, client: VspcClient, auth: config.PasswordAuth) -> None:
-        self._client = client
+    def __init__(
+        self,
+        auth: config.PasswordAuth,
+        *,
+        grant: GrantFunction,
+        refresh_margin_s: float,
+        log: structlog.stdlib.BoundLogger,
+    ) -> None:
         self._auth = auth
+        self._grant = grant
+        self._refresh_margin_s = refresh_margin_s
+        self._log = log
         self._lock = asyncio.Lock()
         self._access: str | None = None
         self._refresh: str | None = None
@@ -586,13 +646,13 @@ class _PasswordSession:
         grant: _Grant | None = None
         if self._refresh is not None:
             try:
-                grant = await self._client._grant(
+                grant = await self._grant(
                     {"grant_type": "refresh_token", "refresh_token": self._refresh}
                 )
             except errors.AuthError as exc:
-                self._client._log.info("token refresh refused; new password grant", reason=str(exc))
+                self._log.info("token refresh refused; new password grant", reason=str(exc))
         if grant is None:
-            grant = await self._client._grant(
+            grant = await self._grant(
                 {
                     "grant_type": "password",
                     "username": self._auth.username,
@@ -603,7 +663,7 @@ class _PasswordSession:
         # Refresh tokens rotate: the newest is the only one that still works.
         self._refresh = grant.refresh_token or self._refresh
         self._renew_at = asyncio.get_running_loop().time() + token_refresh_after_s(
-            grant.lifetime_s, self._client._settings.token_refresh_margin_s
+            grant.lifetime_s, self._refresh_margin_s
         )
 
 

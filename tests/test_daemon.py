@@ -483,11 +483,16 @@ async def test_sighup_reloads_tenants_and_rejects_an_invalid_config(
         await daemon.wait_runs("tenant-2", 1)
         assert await daemon.runs("tenant-3") == 0
 
+        readable = "the config file is readable by other users and syncd holds secrets in it"
+        assert not [line for line in daemon.logs() if readable in str(line.get("event"))]
         write(["tenant-2", "tenant-3"])
+        config_path.chmod(0o644)  # permissions are re-checked on reload
         daemon.send(signal.SIGHUP)
         await daemon.wait_runs("tenant-3", 1, timeout_s=5.0)
         reloaded = await daemon.wait_for_log("configuration reloaded")
         assert (reloaded["added"], reloaded["removed"]) == (["tenant-3"], ["tenant-1"])
+        warned = [line for line in daemon.logs() if readable in str(line.get("event"))]
+        assert len(warned) == 1 and warned[0]["path"] == str(config_path)
         assert set(await daemon.tenant_status()) == {"tenant-2", "tenant-3"}
         assert (await daemon.metrics()).value("syncd_pairs_current", tenant="tenant-1") is None
 

@@ -41,8 +41,15 @@ SECTIONS: dict[str, type[BaseModel]] = {
 
 
 def keys_of(model: type[BaseModel]) -> list[str]:
-    """The TOML keys of a config model (its aliases, where it has them)."""
-    return [field.alias or name for name, field in model.model_fields.items()]
+    """The TOML keys of a config model (its aliases, where it has them).
+
+    A tenant's `[sync]` overrides arrive in one internal field, not as keys of their own.
+    """
+    return [
+        field.alias or name
+        for name, field in model.model_fields.items()
+        if not (model is config.TenantConfig and name == "sync_overrides")
+    ]
 
 
 # --- docker-compose.yml --------------------------------------------------------------------

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from syncd import db, errors
+from syncd import db
 from syncd import simulator as sim
 from syncd.sync import SyncResult, sync_tenant
 from tests.fault_helpers import (
@@ -214,24 +214,26 @@ async def test_database_failure_before_the_run_is_recorded(
     ) as timed:
         s0 = await _baseline_then_churn(sim_state, simulator, timed, engine)
         async with _holding(engine, lock):
-            # The documented contract: a database failure surfaces as DatabaseError (the
-            # CLI and the daemon turn that into a failed tenant), never as a raw driver error.
-            with pytest.raises(errors.DatabaseError, match="statement timeout"):
-                await asyncio.wait_for(_sync(sim_state, simulator, timed), 30)
+            # The documented contract: sync_tenant returns a failed result that says the
+            # database failed (so a scheduler retries soon), never a raw driver error.
+            failed = await asyncio.wait_for(_sync(sim_state, simulator, timed), 30)
+        assert failed.status == "failed" and failed.database_failure and failed.run_id is None
+        assert failed.error is not None and "statement timeout" in failed.error
         assert await current_pairs(engine, TENANT) == s0
         await assert_history_sound(engine)
         # The advisory lock was released: the next run is not skipped as busy.
         await _heal(sim_state, simulator, timed, engine)
 
 
-async def test_sync_against_an_unreachable_database_raises_database_error(
+async def test_sync_against_an_unreachable_database_returns_a_database_failure(
     sim_state: sim.SimulatorState, simulator: str
 ) -> None:
     port = _free_port()
     url = f"postgresql://postgres@127.0.0.1:{port}/syncd"
     async with db.open_engine(url, connect_timeout_s=2) as down:
-        with pytest.raises(errors.DatabaseError, match="cannot reach the database"):
-            await _sync(sim_state, simulator, down)
+        failed = await _sync(sim_state, simulator, down)
+    assert failed.status == "failed" and failed.database_failure
+    assert failed.error is not None and "cannot reach the database" in failed.error
 
 
 # --- database down when `syncd sync` starts, then back ----------------------------------

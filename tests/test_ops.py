@@ -25,7 +25,7 @@ import structlog
 import trustme
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import cli, config, db, errors, models, ops
+from syncd import config, db, errors, logs, models, ops
 from syncd import simulator as sim
 from syncd.sync import sync_tenant
 from tests.helpers import fetch_all, tenant_for
@@ -184,10 +184,10 @@ async def test_check_reports_each_failure_specifically(
     )  # fmt: skip
     cfg = config.load_config(path, environ={"T1_KEY": t1.api_key, "T2_PASSWORD": t2.password})
 
-    code = await ops.cmd_check(check_args(), cfg)
+    code = await ops.cmd_check(check_args(), cfg, logs.SecretScrubber())
 
     output = capsys.readouterr().out
-    assert code == cli.EXIT_FAILED, output
+    assert code == errors.EXIT_FAILED, output
     rows = table_rows(output)
     # tenant: auth, server reachable, TLS, first page, total pairs
     assert rows["ok"] == ["api_key", "yes", "none (http)", "OK", "300"]
@@ -238,11 +238,11 @@ async def test_check_passes_only_when_every_selected_tenant_passes(
         ],
     )
     cfg = config.load_config(path, environ={})
-    assert await ops.cmd_check(check_args("good"), cfg) == cli.EXIT_OK
+    assert await ops.cmd_check(check_args("good"), cfg, logs.SecretScrubber()) == errors.EXIT_OK
     assert "1 of 1 tenant(s) passed" in capsys.readouterr().out
-    assert await ops.cmd_check(check_args("bad"), cfg) == cli.EXIT_FAILED
-    with pytest.raises(cli.UsageError, match="unknown tenant"):
-        await ops.cmd_check(check_args("nobody"), cfg)
+    assert await ops.cmd_check(check_args("bad"), cfg, logs.SecretScrubber()) == errors.EXIT_FAILED
+    with pytest.raises(errors.UsageError, match="unknown tenant"):
+        await ops.cmd_check(check_args("nobody"), cfg, logs.SecretScrubber())
 
 
 @pytest.mark.slow
@@ -299,11 +299,11 @@ async def test_status_table_and_json(
     ]
     cfg = config.load_config(write_config(tmp_path / "s.toml", tenants, db_url), environ={})
 
-    code = await ops.cmd_status(status_args(as_json=True), cfg)
+    code = await ops.cmd_status(status_args(as_json=True), cfg, logs.SecretScrubber())
 
     output = capsys.readouterr().out
     document = json.loads(output)
-    assert code == cli.EXIT_FAILED
+    assert code == errors.EXIT_FAILED
     assert document["ok"] is False
     by_name = {row["tenant"]: row for row in document["tenants"]}
     assert [row["tenant"] for row in document["tenants"]] == [
@@ -324,9 +324,9 @@ async def test_status_table_and_json(
     two = by_name["tenant-2"]
     assert (two["configured"], two["last_status"], two["pairs"]) == (False, "succeeded", 300)
 
-    code = await ops.cmd_status(status_args(as_json=False), cfg)
+    code = await ops.cmd_status(status_args(as_json=False), cfg, logs.SecretScrubber())
     rows = table_rows(capsys.readouterr().out)
-    assert code == cli.EXIT_FAILED
+    assert code == errors.EXIT_FAILED
     assert rows["tenant-1"][1:2] == ["succeeded"] and rows["tenant-1"][-1] == "300"
     assert rows["tenant-1"][3].endswith("s")  # age, e.g. "1s"
     assert rows["tenant-3"][1] == "failed" and rows["tenant-3"][2] == ""
@@ -336,8 +336,8 @@ async def test_status_table_and_json(
     # Only healthy tenants configured: exit 0 (tenant-2 left the config; it does not count).
     healthy = [{"name": "tenant-1", "url": simulator, "api_key": "k"}]
     cfg = config.load_config(write_config(tmp_path / "h.toml", healthy, db_url), environ={})
-    code = await ops.cmd_status(status_args(as_json=True), cfg)
-    assert code == cli.EXIT_OK
+    code = await ops.cmd_status(status_args(as_json=True), cfg, logs.SecretScrubber())
+    assert code == errors.EXIT_OK
     assert json.loads(capsys.readouterr().out)["ok"] is True
 
 
@@ -346,13 +346,13 @@ async def test_status_refuses_a_schema_behind(
 ) -> None:
     cfg = config.load_config(write_config(tmp_path / "e.toml", [], empty_db_url), environ={})
     with pytest.raises(errors.SchemaBehindError, match="syncd migrate"):
-        await ops.cmd_status(status_args(as_json=False), cfg)
+        await ops.cmd_status(status_args(as_json=False), cfg, logs.SecretScrubber())
 
     async with db.open_engine(db_url) as engine:
         await db.downgrade(engine, "0001")
     cfg = config.load_config(write_config(tmp_path / "o.toml", [], db_url), environ={})
     with pytest.raises(errors.SchemaBehindError, match="revision 0001"):
-        await ops.cmd_status(status_args(as_json=True), cfg)
+        await ops.cmd_status(status_args(as_json=True), cfg, logs.SecretScrubber())
 
 
 @pytest.mark.slow
@@ -423,8 +423,8 @@ async def test_grant_reader_allows_the_views_and_nothing_else(
 
         cfg = config.load_config(write_config(tmp_path / "g.toml", [], db_url), environ={})
         args = argparse.Namespace(role=reader_role, data_dir=None)
-        code = await ops.cmd_grant_reader(args, cfg)
-        assert code == cli.EXIT_OK
+        code = await ops.cmd_grant_reader(args, cfg, logs.SecretScrubber())
+        assert code == errors.EXIT_OK
         assert "GRANT SELECT ON" in capsys.readouterr().out
 
         assert await reader.fetchval("SELECT count(*) FROM syncd.job_links_current") == 300
@@ -463,8 +463,8 @@ async def test_grant_reader_is_idempotent(
 ) -> None:
     cfg = config.load_config(write_config(tmp_path / "g.toml", [], db_url), environ={})
     args = argparse.Namespace(role=reader_role, data_dir=None)
-    assert await ops.cmd_grant_reader(args, cfg) == cli.EXIT_OK
-    assert await ops.cmd_grant_reader(args, cfg) == cli.EXIT_OK
+    assert await ops.cmd_grant_reader(args, cfg, logs.SecretScrubber()) == errors.EXIT_OK
+    assert await ops.cmd_grant_reader(args, cfg, logs.SecretScrubber()) == errors.EXIT_OK
     reader = await connect_as(db_url, reader_role)
     try:
         assert await reader.fetchval("SELECT count(*) FROM syncd.tenant_status") == 0
@@ -476,7 +476,7 @@ async def test_grant_reader_to_a_missing_role(db_url: str, tmp_path: Path) -> No
     cfg = config.load_config(write_config(tmp_path / "g.toml", [], db_url), environ={})
     args = argparse.Namespace(role="no_such_role_anywhere", data_dir=None)
     with pytest.raises(ops.RoleNotFound, match="'no_such_role_anywhere' does not exist"):
-        await ops.cmd_grant_reader(args, cfg)
+        await ops.cmd_grant_reader(args, cfg, logs.SecretScrubber())
 
     path = write_config(tmp_path / "g.toml", [], db_url)
     code, stdout, stderr = await run_syncd("--config", str(path), "grant-reader", "Postgres")

@@ -106,12 +106,12 @@ def test_sort_param_sorts_on_all_three_fields_ascending() -> None:
     ],
 )
 def test_plan_offsets(total: int, page_size: int, expected: list[int]) -> None:
-    assert paging.plan_offsets(total, page_size) == expected
+    assert list(paging.plan_offsets(total, page_size)) == expected
 
 
 def test_plan_offsets_without_overlap() -> None:
-    assert paging.plan_offsets(10, 5, overlap=False) == [5]
-    assert paging.plan_offsets(11, 5, overlap=False) == [5, 10]
+    assert list(paging.plan_offsets(10, 5, overlap=False)) == [5]
+    assert list(paging.plan_offsets(11, 5, overlap=False)) == [5, 10]
 
 
 def test_plan_offsets_rejects_page_size_zero() -> None:
@@ -364,8 +364,8 @@ def _pages(items: list[dict[str, Any]], page_size: int) -> list[paging.Page]:
 @pytest.mark.parametrize(("total", "page_size"), [(0, 5), (1, 5), (5, 5), (23, 5), (7, 1), (9, 2)])
 def test_tracker_complete(total: int, page_size: int) -> None:
     pages = _pages(_items(total), page_size)
-    tracker = paging.SnapshotTracker(tenant=TENANT, limit=page_size)
-    assert tracker.start(pages[0]) == [page.offset for page in pages[1:]]
+    tracker = paging.SnapshotTracker(tenant=TENANT, limit=page_size, max_total=10**7)
+    assert list(tracker.start(pages[0])) == [page.offset for page in pages[1:]]
     for page in reversed(pages[1:]):  # any order
         tracker.record(page)
     outcome = tracker.outcome()
@@ -378,7 +378,7 @@ def test_tracker_detects_drift() -> None:
     items = _items(14)
     pages = _pages(items, 5)  # offsets 0, 4, 8, 12
     shifted = items[:6] + items[7:] + _items(1, seed=99)  # one removed before position 8
-    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5)
+    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5, max_total=10**7)
     tracker.start(pages[0])
     tracker.record(pages[1])
     tracker.record(_parse(_body(shifted[8:13], offset=8, total=14), offset=8, limit=5, expected=14))
@@ -391,7 +391,7 @@ def test_tracker_detects_drift() -> None:
 
 def test_tracker_page_size_one_has_no_overlap_check() -> None:
     pages = _pages(_items(4), 1)
-    tracker = paging.SnapshotTracker(tenant=TENANT, limit=1)
+    tracker = paging.SnapshotTracker(tenant=TENANT, limit=1, max_total=10**7)
     tracker.start(pages[0])
     for page in pages[1:]:
         tracker.record(page)
@@ -400,7 +400,7 @@ def test_tracker_page_size_one_has_no_overlap_check() -> None:
 
 def test_tracker_failed_page_leaves_a_gap() -> None:
     pages = _pages(_items(14), 5)
-    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5)
+    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5, max_total=10**7)
     tracker.start(pages[0])
     tracker.record(pages[1])
     tracker.record(pages[3])
@@ -417,7 +417,7 @@ def test_tracker_failed_page_leaves_a_gap() -> None:
 
 def test_tracker_missing_last_page_is_a_gap() -> None:
     pages = _pages(_items(14), 5)
-    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5)
+    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5, max_total=10**7)
     tracker.start(pages[0])
     tracker.record(pages[1])
     tracker.record(pages[2])
@@ -429,31 +429,45 @@ def test_tracker_missing_last_page_is_a_gap() -> None:
     )
 
 
-def test_tracker_learns_a_smaller_server_page_size() -> None:
-    items = _items(10)
-    first = _parse(_body(items[:3], total=10), limit=5)
-    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5)
-    assert tracker.start(first) == [2, 4, 6, 8]
-    assert tracker.page_size == 3
-    for offset in (2, 4, 6, 8):
-        chunk = items[offset : offset + 3]
-        tracker.record(
-            _parse(_body(chunk, offset=offset, total=10), offset=offset, limit=3, expected=10)
-        )
-    assert tracker.outcome().complete
+def test_a_short_first_page_fails_naming_page_size_and_never_shrinks_the_plan() -> None:
+    first = _parse(_body(_items(3), total=10), limit=5)
+    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5, max_total=10**7)
+    with pytest.raises(errors.PageProblem, match=r"3 items for limit 5 .*page_size = 3"):
+        tracker.start(first)
+
+
+def test_a_one_item_first_page_with_a_huge_total_plans_nothing() -> None:
+    first = _parse(_body(_items(1), total=10**6), limit=500)
+    tracker = paging.SnapshotTracker(tenant=TENANT, limit=500, max_total=10**7)
+    with pytest.raises(errors.PageProblem, match="page_size"):
+        tracker.start(first)
+
+
+def test_a_total_above_max_total_is_refused_naming_the_key() -> None:
+    first = _parse(_body(_items(5), total=10**12), limit=5)
+    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5, max_total=10**7)
+    with pytest.raises(errors.BoundExceeded, match="max_total") as raised:
+        tracker.start(first)
+    assert raised.value.key == "max_total"
+
+
+def test_the_plan_is_lazy_whatever_the_total() -> None:
+    offsets = paging.plan_offsets(10**15, 500)
+    assert isinstance(offsets, range)
+    assert len(offsets) > 10**12 and offsets[0] == 499 and offsets[1] == 998
 
 
 def test_tracker_null_meta_short_page_is_the_whole_collection() -> None:
     first = _parse(_body(_items(3), meta=None), limit=5)
-    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5)
-    assert tracker.start(first) == []
+    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5, max_total=10**7)
+    assert list(tracker.start(first)) == []
     assert tracker.outcome() == paging.SnapshotOutcome(True, 3, 1, 3, ())
 
 
 def test_tracker_null_meta_full_page_is_incomplete() -> None:
     first = _parse(_body(_items(5), meta=None), limit=5)
-    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5)
-    assert tracker.start(first) == []
+    tracker = paging.SnapshotTracker(tenant=TENANT, limit=5, max_total=10**7)
+    assert list(tracker.start(first)) == []
     outcome = tracker.outcome()
     assert not outcome.complete and outcome.total is None
     assert "offset 0: meta.pagingInfo: missing" in outcome.problems[0]

@@ -1,0 +1,36 @@
+"""The mass-delete guard's baseline: a reset time per tenant, an index over succeeded runs.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-30
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0003"
+down_revision: str | None = "0002"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.add_column(
+        "tenants",
+        sa.Column("delete_baseline_since", sa.DateTime(timezone=True), nullable=True),
+        schema="syncd",
+    )
+    op.create_index(
+        "ix_runs_tenant_id_started_at_succeeded",
+        "runs",
+        ["tenant_id", "started_at"],
+        schema="syncd",
+        postgresql_where=sa.text("status = 'succeeded'"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_runs_tenant_id_started_at_succeeded", "runs", schema="syncd")
+    op.drop_column("tenants", "delete_baseline_since", schema="syncd")
