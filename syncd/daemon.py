@@ -124,8 +124,10 @@ class Daemon:
         }
 
     def tenants(self) -> list[dict[str, Any]]:
-        """Per-tenant status rows."""
-        return [] if self._scheduler is None else self._scheduler.status()
+        """Per-tenant status rows, in `status.TenantStatus`'s JSON form."""
+        return (
+            [] if self._scheduler is None else [row.as_json() for row in self._scheduler.status()]
+        )
 
     # --- lifecycle -----------------------------------------------------------------------
 

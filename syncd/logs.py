@@ -79,6 +79,8 @@ def configure(
     scrubber = scrubber or SecretScrubber()
     if log_format == "auto":
         log_format = "text" if stream.isatty() else "json"
+    # Shared by structlog's own records and other libraries' (the foreign pre-chain); the
+    # scrubber runs once, last, in the formatter, after every processor has added its text.
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -86,7 +88,6 @@ def configure(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.stdlib.ExtraAdder(),
         structlog.processors.format_exc_info,
-        scrubber,
     ]
     renderer: Any
     if log_format == "json":
@@ -98,7 +99,7 @@ def configure(
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
-            *shared[:-1],
+            *shared,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -106,7 +107,7 @@ def configure(
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared[:-1],
+        foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             scrubber,
@@ -120,7 +121,7 @@ def configure(
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # aiohttp's access log and asyncio's debug chatter are noise at INFO.
+    # aiohttp's access log (one line per request to /metrics and /healthz) is noise at INFO.
     logging.getLogger("aiohttp.access").setLevel(max(logging.WARNING, root.level))
     # Alembic narrates every schema check ("Context impl PostgresqlImpl", "Will assume
     # transactional DDL"); syncd reports the outcome itself.

@@ -14,7 +14,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import aiohttp
 import sqlalchemy as sa
@@ -22,7 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import config, console, db, errors, logs, models, store, sync, vspc
+from syncd import config, console, db, errors, logs, models, status, store, sync, vspc
+from syncd.models import RunStatus
 
 # `check` is interactive: a dead server should be reported in seconds, not after the full
 # retry budget a scheduled sync deserves.
@@ -274,65 +274,16 @@ async def cmd_check(
 # --- status --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TenantStatus:
-    """One row of `syncd status`: a tenant in the config, the database, or both."""
-
-    tenant: str
-    configured: bool
-    last_run_at: datetime | None
-    last_status: str | None
-    last_success_at: datetime | None
-    age_s: float | None
-    pairs: int | None
-
-    @property
-    def ok(self) -> bool:
-        """Last run succeeded (or one is running after an earlier success)."""
-        return self.last_success_at is not None and self.last_status in ("succeeded", "running")
-
-    def as_json(self) -> dict[str, Any]:
-        """A JSON-ready dict; timestamps in ISO 8601, UTC."""
-        return {
-            "tenant": self.tenant,
-            "configured": self.configured,
-            "last_run_at": _iso(self.last_run_at),
-            "last_status": self.last_status,
-            "last_success_at": _iso(self.last_success_at),
-            "age_s": None if self.age_s is None else round(self.age_s, 3),
-            "pairs": self.pairs,
-            "ok": self.ok,
-        }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat()
-
-
-async def read_status(engine: AsyncEngine, configured: Sequence[str]) -> list[TenantStatus]:
+async def read_status(engine: AsyncEngine, configured: Sequence[str]) -> list[status.TenantStatus]:
     """Every configured tenant, then every other tenant the database holds (its data stays)."""
     stored = {row.tenant: row for row in await store.read_tenant_status(engine)}
     names = list(dict.fromkeys(configured)) + [name for name in stored if name not in configured]
-    statuses = []
-    for name in names:
-        row = stored.get(name)
-        if row is None:
-            statuses.append(TenantStatus(name, True, None, None, None, None, None))
-            continue
-        last_success_at = row.last_success_at
-        age_s = None if last_success_at is None else (row.read_at - last_success_at).total_seconds()
-        statuses.append(
-            TenantStatus(
-                tenant=name,
-                configured=name in configured,
-                last_run_at=row.last_run_at,
-                last_status=row.last_status,
-                last_success_at=last_success_at,
-                age_s=age_s,
-                pairs=row.current_pairs,
-            )
-        )
-    return statuses
+    return [
+        dataclasses.replace(stored[name], configured=name in configured)
+        if name in stored
+        else status.TenantStatus(name)
+        for name in names
+    ]
 
 
 def format_age(seconds: float | None) -> str:
@@ -352,25 +303,25 @@ def _when(value: datetime | None) -> str:
     return "" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def status_table(statuses: Sequence[TenantStatus]) -> Table:
+def status_table(statuses: Sequence[status.TenantStatus]) -> Table:
     """The table `syncd status` prints."""
     table = Table(title="syncd status")
     for column in ("tenant", "last run", "status", "last success", "age", "pairs"):
         table.add_column(column)
-    for status in statuses:
-        name = escape(status.tenant)
-        if not status.configured:
+    for row in statuses:
+        name = escape(row.tenant)
+        if not row.configured:
             name += " [dim](not in config)[/]"
-        shown = status.last_status or "never synced"
-        if status.last_status in ("failed", "partial"):
+        shown = str(row.last_status or "never synced")
+        if row.last_status in (RunStatus.FAILED, RunStatus.PARTIAL):
             shown = f"[red]{shown}[/]"
         table.add_row(
             name,
-            _when(status.last_run_at),
+            _when(row.last_run_at),
             shown,
-            _when(status.last_success_at),
-            format_age(status.age_s),
-            "" if status.pairs is None else str(status.pairs),
+            _when(row.last_success_at),
+            format_age(row.age_s),
+            "" if row.pairs is None else str(row.pairs),
         )
     return table
 
@@ -381,9 +332,9 @@ async def cmd_status(
     """`syncd status`: 0 when every configured tenant's last run succeeded, else 1."""
     async with db.open_migrated_engine(cfg, args.data_dir) as engine:
         statuses = await read_status(engine, [tenant.name for tenant in cfg.tenants])
-    ok = all(status.ok for status in statuses if status.configured)
+    ok = all(row.ok for row in statuses if row.configured)
     if args.json:
-        document = {"ok": ok, "tenants": [status.as_json() for status in statuses]}
+        document = {"ok": ok, "tenants": [row.as_json() for row in statuses]}
         print(json.dumps(document, indent=2))
     else:
         out = console.make_console()

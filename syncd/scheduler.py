@@ -25,7 +25,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from syncd import config, metrics, store, sync
+from syncd import config, metrics, status, sync
 from syncd.models import RunStatus
 from syncd.sync import SyncResult
 
@@ -155,7 +155,7 @@ def make_trigger(settings: config.SyncSettings, now: datetime) -> tuple[Any, flo
 
 @dataclass
 class TenantState:
-    """What the daemon knows about one tenant since it started (shown on `/status`)."""
+    """What the daemon knows about one tenant, as it changes (`status()` freezes it)."""
 
     tenant: config.Tenant
     period_s: float
@@ -165,16 +165,12 @@ class TenantState:
     waiting_for: str | None = None
     last_run_at: datetime | None = None
     last_finished_at: datetime | None = None
-    last_status: str | None = None
+    last_status: RunStatus | None = None
     last_error: str | None = None
     last_run_id: int | None = None
     last_duration_s: float | None = None
     last_success_at: datetime | None = None
     pairs: int | None = None
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(UTC).isoformat()
 
 
 class _TenantOfJob(logging.Filter):
@@ -282,7 +278,7 @@ class TenantScheduler:
             "tenant scheduled",
             tenant=tenant.name,
             schedule=schedule_text(tenant.settings),
-            first_run=_iso(first_run),
+            first_run=status.iso(first_run),
         )
 
     def _remove(self, name: str) -> None:
@@ -421,10 +417,10 @@ class TenantScheduler:
             "backing off after consecutive failures",
             tenant=name,
             consecutive_failures=state.consecutive_failures,
-            next_run=_iso(when),
+            next_run=status.iso(when),
         )
 
-    def seed(self, stored: Sequence[store.StoredTenantStatus]) -> None:
+    def seed(self, stored: Sequence[status.TenantStatus]) -> None:
         """Fills what is known from the database into tenants this process has not run yet,
         so `/status` and the metrics survive a restart."""
         for row in stored:
@@ -434,36 +430,38 @@ class TenantScheduler:
             state.last_run_at = row.last_run_at
             state.last_status = row.last_status
             state.last_success_at = row.last_success_at
-            state.pairs = row.current_pairs
-            self._metrics.seed_tenant(row.tenant, row.current_pairs, row.last_success_at)
+            state.pairs = row.pairs
+            self._metrics.seed_tenant(row.tenant, row.pairs or 0, row.last_success_at)
 
     # --- reporting -----------------------------------------------------------------------
 
-    def status(self) -> list[dict[str, Any]]:
-        """Per-tenant state for `/status` (no secrets: names, times, counts, errors)."""
+    def status(self) -> list[status.TenantStatus]:
+        """Every scheduled tenant's status, as of now (no secrets: names, times, counts)."""
+        now = datetime.now(UTC)
         rows = []
         for name, state in self._states.items():
             job = self._scheduler.get_job(JOB_PREFIX + name)
             next_run = job.next_run_time if job is not None and not self._stopping else None
+            success = state.last_success_at
             rows.append(
-                {
-                    "tenant": name,
-                    "schedule": schedule_text(state.tenant.settings),
-                    "running": state.running_since is not None,
-                    "running_since": _iso(state.running_since),
-                    "queued": state.queued_since is not None,
-                    "waiting_for": state.waiting_for,
-                    "last_run_at": _iso(state.last_run_at),
-                    "last_finished_at": _iso(state.last_finished_at),
-                    "last_status": state.last_status,
-                    "last_error": state.last_error,
-                    "last_run_id": state.last_run_id,
-                    "last_duration_s": state.last_duration_s,
-                    "last_success_at": _iso(state.last_success_at),
-                    "pairs": state.pairs,
-                    "next_run_at": _iso(next_run),
-                    "consecutive_failures": state.consecutive_failures,
-                }
+                status.TenantStatus(
+                    tenant=name,
+                    last_run_at=state.last_run_at,
+                    last_status=state.last_status,
+                    last_success_at=success,
+                    pairs=state.pairs,
+                    age_s=None if success is None else (now - success).total_seconds(),
+                    schedule=schedule_text(state.tenant.settings),
+                    running_since=state.running_since,
+                    queued_since=state.queued_since,
+                    waiting_for=state.waiting_for,
+                    last_finished_at=state.last_finished_at,
+                    last_error=state.last_error,
+                    last_run_id=state.last_run_id,
+                    last_duration_s=state.last_duration_s,
+                    next_run_at=next_run,
+                    consecutive_failures=state.consecutive_failures,
+                )
             )
         return rows
 

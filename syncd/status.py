@@ -1,0 +1,77 @@
+"""A tenant's status: the one model behind `syncd status`, `/status` and the gauges.
+
+`syncd status` fills it from the database (`store.read_tenant_status`); the daemon fills
+the same type from what its scheduler knows, adding what only a running daemon can tell
+(schedule, running, queued, next run). Both speak one JSON form, `TenantStatus.as_json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from syncd.models import RunStatus
+
+
+def iso(moment: datetime | None) -> str | None:
+    """`moment` in ISO 8601, UTC (None stays None)."""
+    return None if moment is None else moment.astimezone(UTC).isoformat()
+
+
+@dataclass(frozen=True)
+class TenantStatus:
+    """Where one tenant stands: its last run, last success and pairs, and (in the daemon)
+    its schedule. `configured` is False for a tenant the database holds that the config
+    no longer names (its data stays)."""
+
+    tenant: str
+    configured: bool = True
+    last_run_at: datetime | None = None
+    last_status: RunStatus | None = None
+    last_success_at: datetime | None = None
+    pairs: int | None = None
+    age_s: float | None = None  # since the last success, when this was read
+    # What only a running daemon knows; defaults elsewhere.
+    schedule: str | None = None
+    running_since: datetime | None = None
+    queued_since: datetime | None = None
+    waiting_for: str | None = None
+    last_finished_at: datetime | None = None
+    last_error: str | None = None
+    last_run_id: int | None = None
+    last_duration_s: float | None = None
+    next_run_at: datetime | None = None
+    consecutive_failures: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Last run succeeded (or one is running after an earlier success)."""
+        return self.last_success_at is not None and self.last_status in (
+            RunStatus.SUCCEEDED,
+            RunStatus.RUNNING,
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON form of `syncd status --json` and `/status` (timestamps ISO 8601, UTC)."""
+        return {
+            "tenant": self.tenant,
+            "configured": self.configured,
+            "last_run_at": iso(self.last_run_at),
+            "last_status": None if self.last_status is None else str(self.last_status),
+            "last_success_at": iso(self.last_success_at),
+            "age_s": None if self.age_s is None else round(self.age_s, 3),
+            "pairs": self.pairs,
+            "ok": self.ok,
+            "schedule": self.schedule,
+            "running": self.running_since is not None,
+            "running_since": iso(self.running_since),
+            "queued": self.queued_since is not None,
+            "waiting_for": self.waiting_for,
+            "last_finished_at": iso(self.last_finished_at),
+            "last_error": self.last_error,
+            "last_run_id": self.last_run_id,
+            "last_duration_s": self.last_duration_s,
+            "next_run_at": iso(self.next_run_at),
+            "consecutive_failures": self.consecutive_failures,
+        }
