@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,60 +137,84 @@ class Daemon:
         # Alembic announces its context at INFO on every schema check: noise in a daemon.
         logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
         with self._signal_handlers(loop):
-            async with contextlib.AsyncExitStack() as stack:
-                engine = await stack.enter_async_context(
-                    db.open_configured_engine(self._cfg, data_dir)
-                )
-                app = web.create_app(self, self._metrics, scrub=self._scrubber.scrub)
-                bound_host, bound_port = await stack.enter_async_context(web.serve(app, host, port))
-                log.info(
-                    "http endpoint listening",
-                    url=f"http://{bound_host}:{bound_port}",
-                    host=bound_host,
-                    port=bound_port,
-                )
-                await self._check_database(engine)
-                await stack.enter_async_context(
-                    _background(self._watch_database(engine), "syncd-database-watch")
-                )
-
-                async def sync_one(tenant: config.Tenant) -> sync.SyncResult:
-                    return await sync.sync_tenant(
-                        tenant, engine, observer=self._metrics, scrubber=self._scrubber
-                    )
-
-                self._scheduler = await stack.enter_async_context(
-                    scheduler.open_scheduler(
-                        self._cfg.tenants,
-                        sync=sync_one,
-                        daemon=self._cfg.daemon,
-                        sync_metrics=self._metrics,
-                        blocked=self._blocked,
-                        on_database_error=self._recheck_database.set,
-                        grace_s=lambda: self._cfg.daemon.shutdown_grace_s,
-                    )
-                )
-                if self._blocked() is None:
-                    await self._seed_from_database(engine, self._scheduler)
-                if not self._cfg.tenants:
-                    log.warning("no tenants configured: add [[tenants]] and send SIGHUP")
-                log.info(
-                    "syncd running",
-                    tenants=len(self._cfg.tenants),
-                    max_concurrent_tenants=self._cfg.daemon.max_concurrent_tenants,
-                    pid=os.getpid(),
-                )
-                await self._handle_events()
-                log.info("stopping", grace_s=self._cfg.daemon.shutdown_grace_s)
+            async with db.open_configured_engine(self._cfg, data_dir) as engine:
+                await self.serve(engine, host, port)
         log.info("syncd stopped")
         return errors.EXIT_OK
+
+    async def serve(
+        self,
+        engine: AsyncEngine,
+        host: str,
+        port: int,
+        *,
+        on_listening: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """Serves the endpoint and runs the scheduler on `engine` until `stop()`.
+
+        The daemon without its process: no signal handlers, no engine of its own, so a
+        test can run it in-process. `on_listening` receives the address actually bound.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            app = web.create_app(self, self._metrics, scrub=self._scrubber.scrub)
+            bound_host, bound_port = await stack.enter_async_context(web.serve(app, host, port))
+            log.info(
+                "http endpoint listening",
+                url=f"http://{bound_host}:{bound_port}",
+                host=bound_host,
+                port=bound_port,
+            )
+            if on_listening is not None:
+                on_listening(bound_host, bound_port)
+            await self._check_database(engine)
+            await stack.enter_async_context(
+                _background(self._watch_database(engine), "syncd-database-watch")
+            )
+
+            async def sync_one(tenant: config.Tenant) -> sync.SyncResult:
+                return await sync.sync_tenant(
+                    tenant, engine, observer=self._metrics, scrubber=self._scrubber
+                )
+
+            self._scheduler = await stack.enter_async_context(
+                scheduler.open_scheduler(
+                    self._cfg.tenants,
+                    sync=sync_one,
+                    daemon=self._cfg.daemon,
+                    sync_metrics=self._metrics,
+                    blocked=self._blocked,
+                    on_database_error=self._recheck_database.set,
+                    grace_s=lambda: self._cfg.daemon.shutdown_grace_s,
+                )
+            )
+            if self._blocked() is None:
+                await self._seed_from_database(engine, self._scheduler)
+            if not self._cfg.tenants:
+                log.warning("no tenants configured: add [[tenants]] and send SIGHUP")
+            log.info(
+                "syncd running",
+                tenants=len(self._cfg.tenants),
+                max_concurrent_tenants=self._cfg.daemon.max_concurrent_tenants,
+                pid=os.getpid(),
+            )
+            await self._handle_events()
+            log.info("stopping", grace_s=self._cfg.daemon.shutdown_grace_s)
+
+    def stop(self) -> None:
+        """Asks `serve` to stop gracefully (what SIGTERM does)."""
+        self._stop_requested = True
+        self._events.put_nowait("stop")
+
+    def reload(self) -> None:
+        """Asks `serve` to reload the config file (what SIGHUP does)."""
+        self._events.put_nowait("reload")
 
     @contextlib.contextmanager
     def _signal_handlers(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
         stop_signals = (signal.SIGTERM, signal.SIGINT)
         for signum in stop_signals:
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
-        loop.add_signal_handler(signal.SIGHUP, self._events.put_nowait, "reload")
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             yield
         finally:
@@ -203,9 +227,8 @@ class Daemon:
             # The operator wants out now: no grace, no cleanup that could hang.
             log.warning("second stop signal: exiting at once", signal=name)
             os._exit(128 + signum)
-        self._stop_requested = True
         log.info("stop signal received", signal=name)
-        self._events.put_nowait("stop")
+        self.stop()
 
     async def _handle_events(self) -> None:
         while True:
@@ -278,6 +301,7 @@ class Daemon:
         else:
             self._database_problem = self._schema_problem = None
         after = self._blocked()
+        self._metrics.database_checks.labels(result="ok" if after is None else "failed").inc()
         self._database_failures = 0 if after is None else self._database_failures + 1
         if after is None:
             if not self._seeded and self._scheduler is not None:

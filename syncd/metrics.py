@@ -88,6 +88,12 @@ class Metrics:
             "1 when the daemon is ready (database reachable, schema at head, scheduler up).",
             registry=registry,
         )
+        self.database_checks = Counter(
+            "syncd_database_checks",
+            "Checks of the database and its schema (readiness), by result.",
+            ["result"],
+            registry=registry,
+        )
         self.config_reloads = Counter(
             "syncd_config_reloads",
             "Configuration reloads (SIGHUP), by result.",

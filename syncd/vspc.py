@@ -91,12 +91,17 @@ def _ignore_secrets(secrets: Iterable[str]) -> None:
     pass
 
 
+Sleep = Callable[[float], Awaitable[None]]
+"""How the client waits between retries and polls (`asyncio.sleep`; tests pass a recorder)."""
+
+
 @asynccontextmanager
 async def open_client(
     tenant: config.Tenant,
     *,
     observer: RequestObserver | None = None,
     on_secret: SecretSink = _ignore_secrets,
+    sleep: Sleep = asyncio.sleep,
 ) -> AsyncIterator[VspcClient]:
     """A client for `tenant`, owning one HTTP session that is closed on exit.
 
@@ -119,7 +124,7 @@ async def open_client(
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, raise_for_status=False
     ) as session:
-        yield VspcClient(tenant, session, observer=observer, on_secret=on_secret)
+        yield VspcClient(tenant, session, observer=observer, on_secret=on_secret, sleep=sleep)
 
 
 class VspcClient:
@@ -132,9 +137,11 @@ class VspcClient:
         *,
         observer: RequestObserver | None = None,
         on_secret: SecretSink = _ignore_secrets,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._tenant = tenant
         self._on_secret = on_secret
+        self._sleep = sleep
         self._settings = tenant.settings
         self._session = session
         self._observer: RequestObserver = observer or _NoObserver()
@@ -316,7 +323,7 @@ class VspcClient:
                     f"{where}: VSPC queued the request (HTTP 202) and did not finish it "
                     f"within {self._settings.async_action_timeout_s:g}s"
                 )
-            await asyncio.sleep(wait_s)
+            await self._sleep(wait_s)
             polls += 1
             answer = await self._send_authorized("GET", url, where)
         if answer.status == 200:
@@ -357,7 +364,7 @@ class VspcClient:
                     retry=retries + 1,
                     wait_s=round(wait_s, 3),
                 )
-                await asyncio.sleep(wait_s)
+                await self._sleep(wait_s)
                 retries += 1
 
     async def _send(

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import db
 from syncd import simulator as sim
-from tests.fault_helpers import (
+from tests.fixtures.fault_helpers import (
     CliResult,
     assert_history_sound,
     run_cli,
@@ -26,7 +26,7 @@ from tests.fault_helpers import (
     toml_string,
     write_config,
 )
-from tests.helpers import current_pairs, expected_pairs
+from tests.fixtures.helpers import current_pairs, expected_pairs
 
 pytestmark = pytest.mark.slow  # each case starts a Python process (~0.6 s)
 

@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import config, db, demo, embedded
-from tests.helpers import current_pairs, expected_pairs, fetch_all
+from tests.fixtures.helpers import current_pairs, expected_pairs, fetch_all
 
 PAIRS = 1000  # the demo's default
 TENANTS = [f"tenant-{number}" for number in range(1, demo.DEMO_TENANTS + 1)]

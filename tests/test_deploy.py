@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from syncd import cli, config, metrics, models
 from syncd import simulator as sim
 from syncd.sync import sync_tenant
-from tests.helpers import tenant_for
+from tests.fixtures.helpers import tenant_for
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

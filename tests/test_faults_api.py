@@ -25,25 +25,19 @@ import pytest
 import trustme
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import db
 from syncd import simulator as sim
 from syncd.sync import SyncResult, sync_tenant
-from tests.fault_helpers import assert_history_sound, pairs_outside, run_row, sort_key
-from tests.helpers import (
-    SYNC_APPLICATION_NAME,
+from tests.fixtures.fault_helpers import assert_history_sound, pairs_outside, run_row, sort_key
+from tests.fixtures.helpers import (
     current_pairs,
     expected_pairs,
     tenant_for,
 )
 
 TENANT = "tenant-1"
-PAGE = 50  # tests.helpers.FAST_SETTINGS page_size; pages start at 0, 49, 98, ... (overlap 1)
-
-
-@pytest.fixture
-async def sync_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    async with db.open_engine(db_url, application_name=SYNC_APPLICATION_NAME) as engine:
-        yield engine
+PAGE = (
+    50  # tests.fixtures.helpers.FAST_SETTINGS page_size; pages start at 0, 49, 98, ... (overlap 1)
+)
 
 
 @dataclass(frozen=True)

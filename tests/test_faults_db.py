@@ -29,7 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from syncd import db
 from syncd import simulator as sim
 from syncd.sync import SyncResult, sync_tenant
-from tests.fault_helpers import (
+from tests.fixtures.database import admin
+from tests.fixtures.fault_helpers import (
     assert_history_sound,
     run_cli,
     run_row,
@@ -38,8 +39,7 @@ from tests.fault_helpers import (
     wait_for,
     write_config,
 )
-from tests.fixtures.database import with_database
-from tests.helpers import (
+from tests.fixtures.helpers import (
     SYNC_APPLICATION_NAME,
     current_pairs,
     expected_pairs,
@@ -48,12 +48,6 @@ from tests.helpers import (
 )
 
 TENANT = "tenant-1"
-
-
-@pytest.fixture
-async def sync_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    async with db.open_engine(db_url, application_name=SYNC_APPLICATION_NAME) as engine:
-        yield engine
 
 
 async def _sync(
@@ -334,21 +328,13 @@ class TinyDisk:
         await asyncio.to_thread(subprocess.run, command, check=True)
 
 
-async def _admin(server_url: str, statement: str) -> object:
-    connection = await asyncpg.connect(with_database(server_url, "postgres"))
-    try:
-        return await connection.fetchval(statement)
-    finally:
-        await connection.close()
-
-
 @pytest.fixture
 async def tiny_disk(pg_server_url: str) -> AsyncIterator[TinyDisk]:
     """Needs root, permission to mount, and the PostgreSQL server on this machine; skips
     otherwise. Request it before `db_url`, so the test database is dropped first."""
     if os.geteuid() != 0:
         pytest.skip("a full disk is simulated with a tmpfs mount: needs root")
-    data_directory = await _admin(pg_server_url, "SHOW data_directory")
+    data_directory = await admin(pg_server_url, "SHOW data_directory")
     if not isinstance(data_directory, str) or not await asyncio.to_thread(
         os.path.isdir, data_directory
     ):
@@ -376,11 +362,11 @@ async def tiny_disk(pg_server_url: str) -> AsyncIterator[TinyDisk]:
         pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
     name = f"syncd_tiny_{os.getpid()}"
     try:
-        await _admin(pg_server_url, f"CREATE TABLESPACE {name} LOCATION '{mount_point}'")
+        await admin(pg_server_url, f"CREATE TABLESPACE {name} LOCATION '{mount_point}'")
         yield TinyDisk(name, mount_point)
     finally:
         with contextlib.suppress(asyncpg.PostgresError):
-            await _admin(pg_server_url, f"DROP TABLESPACE IF EXISTS {name}")
+            await admin(pg_server_url, f"DROP TABLESPACE IF EXISTS {name}")
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(mount_point)], check=False)
         with contextlib.suppress(OSError):
             await asyncio.to_thread(mount_point.rmdir)

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from syncd import db, store
 from syncd import simulator as sim
 from syncd.sync import sync_tenant
-from tests.fault_helpers import (
+from tests.fixtures.fault_helpers import (
     assert_history_sound,
     run_cli,
     start_cli,
@@ -32,7 +32,7 @@ from tests.fault_helpers import (
     wait_for,
     write_config,
 )
-from tests.helpers import (
+from tests.fixtures.helpers import (
     SYNC_APPLICATION_NAME,
     current_pairs,
     expected_pairs,
@@ -236,9 +236,8 @@ async def test_two_daemons_share_a_database_then_stop_with_runs_in_flight(
         tmp_path,
         db_url,
         [tenant_block(tenant, simulator, interval="300ms") for tenant in tenants],
-        extra='[daemon]\nlisten = "127.0.0.1:0"\nstartup_spread = "50ms"\n'
-        'shutdown_grace = "200ms"\n\n[sync]\npage_size = 50\nmax_concurrent_pages = 1\n'
-        'backoff_base = "5ms"\nbackoff_max = "20ms"\n',
+        sync={"max_concurrent_pages": 1},
+        daemon={"listen": "127.0.0.1:0", "startup_spread": "50ms", "shutdown_grace": "200ms"},
     )
     async with (
         _daemon(path) as first,

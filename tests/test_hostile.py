@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import tracemalloc
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from syncd import config, db, errors, logs, metrics, sync
 from syncd import simulator as sim
 from syncd.models import RunStatus
 from syncd.sync import sync_tenant
-from tests.fault_helpers import (
+from tests.fixtures.fault_helpers import (
     assert_history_sound,
     run_cli,
     run_row,
@@ -29,8 +28,7 @@ from tests.fault_helpers import (
     toml_string,
     write_config,
 )
-from tests.helpers import (
-    SYNC_APPLICATION_NAME,
+from tests.fixtures.helpers import (
     current_pairs,
     expected_pairs,
     fetch_all,
@@ -38,12 +36,6 @@ from tests.helpers import (
 )
 
 TENANT = "tenant-1"
-
-
-@pytest.fixture
-async def sync_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    async with db.open_engine(db_url, application_name=SYNC_APPLICATION_NAME) as engine:
-        yield engine
 
 
 def _requests_of(state: sim.SimulatorState, tenant: str) -> int:

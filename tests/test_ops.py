@@ -17,7 +17,6 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -28,7 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from syncd import config, db, errors, logs, models, ops
 from syncd import simulator as sim
 from syncd.sync import sync_tenant
-from tests.helpers import fetch_all, tenant_for
+from tests.fixtures.fault_helpers import run_cli, write_config
+from tests.fixtures.helpers import fetch_all, tenant_for
 
 _roles = itertools.count()
 
@@ -49,24 +49,6 @@ def logs_to_stderr() -> Iterator[None]:
 def toml_string(value: str) -> str:
     """`value` as a TOML basic string."""
     return json.dumps(value)
-
-
-def write_config(
-    path: Path, tenants: list[dict[str, Any]], database_url: str | None = None
-) -> Path:
-    """Writes a config file with `tenants` (values are strings or booleans)."""
-    lines = []
-    if database_url is not None:
-        lines += ["[database]", f"url = {toml_string(database_url)}", ""]
-    lines += ["[sync]", 'backoff_base = "10ms"', 'backoff_max = "50ms"', 'request_timeout = "10s"']
-    for tenant in tenants:
-        lines += ["", "[[tenants]]"]
-        for key, value in tenant.items():
-            text = ("true" if value else "false") if isinstance(value, bool) else toml_string(value)
-            lines.append(f"{key} = {text}")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    path.chmod(0o600)
-    return path
 
 
 def check_args(*tenants: str) -> argparse.Namespace:
@@ -107,21 +89,9 @@ def clean_environ() -> dict[str, str]:
 
 
 async def run_syncd(*argv: str) -> tuple[int, str, str]:
-    """Runs the `syncd` CLI in a subprocess (the test's event loop keeps serving meanwhile)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "syncd.cli",
-        "--log-format",
-        "json",
-        *argv,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=clean_environ(),
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
+    """`syncd --log-format json ARGV` in a subprocess: (exit code, stdout, stderr)."""
+    result = await run_cli("--log-format", "json", *argv)
+    return result.code, result.stdout, result.stderr
 
 
 # --- check ---------------------------------------------------------------------------------
@@ -165,6 +135,7 @@ async def test_check_reports_each_failure_specifically(
     sim_state.inject(sim.Fault("403", tenant="tenant-3", times=None))
     path = write_config(
         tmp_path / "syncd.toml",
+        None,
         [
             {"name": "ok", "url": simulator, "api_key_env": "T1_KEY"},
             {"name": "password", "url": simulator, "username": t2.username,
@@ -232,6 +203,7 @@ async def test_check_passes_only_when_every_selected_tenant_passes(
     t1 = sim_state.tenants["tenant-1"]
     path = write_config(
         tmp_path / "syncd.toml",
+        None,
         [
             {"name": "good", "url": simulator, "api_key": t1.api_key},
             {"name": "bad", "url": simulator, "api_key": "wrong"},
@@ -251,9 +223,11 @@ async def test_check_exit_codes_through_the_cli(
 ) -> None:
     t1 = sim_state.tenants["tenant-1"]
     good = write_config(
-        tmp_path / "good.toml", [{"name": "good", "url": simulator, "api_key": t1.api_key}]
+        tmp_path / "good.toml", None, [{"name": "good", "url": simulator, "api_key": t1.api_key}]
     )
-    bad = write_config(tmp_path / "bad.toml", [{"name": "bad", "url": simulator, "api_key": "x"}])
+    bad = write_config(
+        tmp_path / "bad.toml", None, [{"name": "bad", "url": simulator, "api_key": "x"}]
+    )
     invalid = tmp_path / "invalid.toml"
     invalid.write_text('[[tenants]]\nname = "x"\nurl = "ftp://nowhere"\n', encoding="utf-8")
 
@@ -297,7 +271,7 @@ async def test_status_table_and_json(
         {"name": name, "url": simulator, "api_key": "k"}
         for name in ("tenant-1", "tenant-3", "newcomer")
     ]
-    cfg = config.load_config(write_config(tmp_path / "s.toml", tenants, db_url), environ={})
+    cfg = config.load_config(write_config(tmp_path / "s.toml", db_url, tenants), environ={})
 
     code = await ops.cmd_status(status_args(as_json=True), cfg, logs.SecretScrubber())
 
@@ -335,7 +309,7 @@ async def test_status_table_and_json(
 
     # Only healthy tenants configured: exit 0 (tenant-2 left the config; it does not count).
     healthy = [{"name": "tenant-1", "url": simulator, "api_key": "k"}]
-    cfg = config.load_config(write_config(tmp_path / "h.toml", healthy, db_url), environ={})
+    cfg = config.load_config(write_config(tmp_path / "h.toml", db_url, healthy), environ={})
     code = await ops.cmd_status(status_args(as_json=True), cfg, logs.SecretScrubber())
     assert code == errors.EXIT_OK
     assert json.loads(capsys.readouterr().out)["ok"] is True
@@ -344,20 +318,20 @@ async def test_status_table_and_json(
 async def test_status_refuses_a_schema_behind(
     empty_db_url: str, db_url: str, tmp_path: Path
 ) -> None:
-    cfg = config.load_config(write_config(tmp_path / "e.toml", [], empty_db_url), environ={})
+    cfg = config.load_config(write_config(tmp_path / "e.toml", empty_db_url, []), environ={})
     with pytest.raises(errors.SchemaBehindError, match="syncd migrate"):
         await ops.cmd_status(status_args(as_json=False), cfg, logs.SecretScrubber())
 
     async with db.open_engine(db_url) as engine:
         await db.downgrade(engine, "0001")
-    cfg = config.load_config(write_config(tmp_path / "o.toml", [], db_url), environ={})
+    cfg = config.load_config(write_config(tmp_path / "o.toml", db_url, []), environ={})
     with pytest.raises(errors.SchemaBehindError, match="revision 0001"):
         await ops.cmd_status(status_args(as_json=True), cfg, logs.SecretScrubber())
 
 
 @pytest.mark.slow
 async def test_status_exit_code_through_the_cli(empty_db_url: str, tmp_path: Path) -> None:
-    path = write_config(tmp_path / "e.toml", [], empty_db_url)
+    path = write_config(tmp_path / "e.toml", empty_db_url, [])
     code, _, stderr = await run_syncd("--config", str(path), "status", "--json")
     assert code == 1
     assert "no syncd schema yet: run `syncd migrate` first" in stderr
@@ -421,7 +395,7 @@ async def test_grant_reader_allows_the_views_and_nothing_else(
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await reader.fetchval("SELECT count(*) FROM syncd.job_links_current")
 
-        cfg = config.load_config(write_config(tmp_path / "g.toml", [], db_url), environ={})
+        cfg = config.load_config(write_config(tmp_path / "g.toml", db_url, []), environ={})
         args = argparse.Namespace(role=reader_role, data_dir=None)
         code = await ops.cmd_grant_reader(args, cfg, logs.SecretScrubber())
         assert code == errors.EXIT_OK
@@ -461,7 +435,7 @@ async def test_grant_reader_allows_the_views_and_nothing_else(
 async def test_grant_reader_is_idempotent(
     reader_role: str, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = config.load_config(write_config(tmp_path / "g.toml", [], db_url), environ={})
+    cfg = config.load_config(write_config(tmp_path / "g.toml", db_url, []), environ={})
     args = argparse.Namespace(role=reader_role, data_dir=None)
     assert await ops.cmd_grant_reader(args, cfg, logs.SecretScrubber()) == errors.EXIT_OK
     assert await ops.cmd_grant_reader(args, cfg, logs.SecretScrubber()) == errors.EXIT_OK
@@ -473,12 +447,12 @@ async def test_grant_reader_is_idempotent(
 
 
 async def test_grant_reader_to_a_missing_role(db_url: str, tmp_path: Path) -> None:
-    cfg = config.load_config(write_config(tmp_path / "g.toml", [], db_url), environ={})
+    cfg = config.load_config(write_config(tmp_path / "g.toml", db_url, []), environ={})
     args = argparse.Namespace(role="no_such_role_anywhere", data_dir=None)
     with pytest.raises(ops.RoleNotFound, match="'no_such_role_anywhere' does not exist"):
         await ops.cmd_grant_reader(args, cfg, logs.SecretScrubber())
 
-    path = write_config(tmp_path / "g.toml", [], db_url)
+    path = write_config(tmp_path / "g.toml", db_url, [])
     code, stdout, stderr = await run_syncd("--config", str(path), "grant-reader", "Postgres")
     assert code == 1, stdout
     assert "role 'Postgres' does not exist (there is 'postgres'" in stderr

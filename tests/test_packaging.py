@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import db, models
-from tests.helpers import fetch_all
+from tests.fixtures.helpers import fetch_all
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import config
 from syncd import simulator as sim
-from tests.fault_helpers import (
+from tests.fixtures.fault_helpers import (
     CliResult,
     assert_history_sound,
     run_cli,
@@ -40,7 +40,7 @@ from tests.fault_helpers import (
     wait_for,
     write_config,
 )
-from tests.helpers import current_pairs, expected_pairs, fetch_all
+from tests.fixtures.helpers import current_pairs, expected_pairs, fetch_all
 
 pytestmark = pytest.mark.slow  # real `syncd` processes
 

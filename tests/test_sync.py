@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -11,7 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from syncd import db, models
 from syncd import simulator as sim
 from syncd.sync import SyncResult, sync_tenant
-from tests.helpers import (
+from tests.fixtures.fault_helpers import pairs_outside
+from tests.fixtures.helpers import (
     SYNC_APPLICATION_NAME,
     current_pairs,
     expected_pairs,
@@ -19,12 +19,6 @@ from tests.helpers import (
     link_row_writes,
     tenant_for,
 )
-
-
-@pytest.fixture
-async def sync_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    async with db.open_engine(db_url, application_name=SYNC_APPLICATION_NAME) as engine:
-        yield engine
 
 
 async def run_sync(
@@ -192,9 +186,14 @@ async def test_failing_page_withholds_removals_and_spares_other_tenants(
     assert partial.removed == 0
     stored = await current_pairs(engine, "tenant-1")
     assert before <= stored  # nothing removed
-    # Pairs seen on good pages were stored.
-    seen_new = {(p["jobUid"], p.get("uniqueJobUid"), p["linkedJobUid"]) for p in new} & stored
-    assert seen_new <= stored
+    # Pairs on the pages that did arrive were stored: every position but those only the
+    # failed page (offset 98, 50 items: 99..146 are not shared with a neighbour) holds.
+    on_good_pages = pairs_outside(sim_state.tenants["tenant-1"].items, 99, 147)
+    assert on_good_pages <= stored
+    new_pairs = {(p["jobUid"], p.get("uniqueJobUid"), p["linkedJobUid"]) for p in new}
+    assert new_pairs & on_good_pages <= stored and len(stored) == len(before) + len(
+        new_pairs & on_good_pages
+    )
     assert other.status == "succeeded"
     assert await current_pairs(engine, "tenant-2") == before_other
     # The next run, with the fault gone, catches up exactly.

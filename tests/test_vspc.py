@@ -7,7 +7,6 @@ import io
 import logging
 import socket
 import ssl
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,7 +23,8 @@ from pydantic import SecretStr
 import syncd
 from syncd import config, errors, logs, paging, retry, vspc
 from syncd import simulator as sim
-from tests.helpers import tenant_for
+from tests.fixtures.fault_helpers import wait_for
+from tests.fixtures.helpers import tenant_for
 
 NAME = "tenant-1"
 
@@ -83,13 +83,25 @@ def sim_tenant(state: sim.SimulatorState, name: str = NAME) -> sim.SimTenant:
     return state.tenants[name]
 
 
+class RecordingSleep:
+    """The client's clock for waits: records each requested wait and yields without waiting."""
+
+    def __init__(self) -> None:
+        self.waits_s: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits_s.append(seconds)
+        await asyncio.sleep(0)
+
+
 async def snapshot(
     tenant: config.Tenant,
     on_page: Callable[[paging.Page], Awaitable[None]] | None = None,
     observer: Observer | None = None,
+    sleep: vspc.Sleep = asyncio.sleep,
 ) -> tuple[paging.SnapshotOutcome, Collector]:
     collector = Collector()
-    async with vspc.open_client(tenant, observer=observer) as client:
+    async with vspc.open_client(tenant, observer=observer, sleep=sleep) as client:
         outcome = await client.fetch_snapshot(on_page or collector)
     return outcome, collector
 
@@ -209,10 +221,15 @@ async def test_on_page_failure_cancels_fetches_and_propagates(
 
     with pytest.raises(Stop):
         await snapshot(tenant, on_page=on_page)
+    # fetch_snapshot awaited its cancelled workers before raising: no task is left to send.
     sent = len(sim_state.request_log)
-    await asyncio.sleep(0.2)
-    assert len(sim_state.request_log) == sent < 10  # nothing more is sent; 34 pages planned
-    assert sim_state.in_flight[NAME] == 0
+    assert sent < 10  # 34 pages planned
+
+    async def server_idle() -> bool:
+        return sim_state.in_flight[NAME] == 0
+
+    await wait_for(server_idle, what="the simulator to see the cancelled requests go")
+    assert len(sim_state.request_log) == sent
 
 
 # --- retries -------------------------------------------------------------------------------
@@ -226,10 +243,11 @@ async def test_429_honours_retry_after(
         sim.Fault("429", tenant=NAME, offset=49, times=2, retry_after_s=0.25, retry_after_in=where)
     )
     observer = Observer()
-    started = time.monotonic()
-    outcome, _ = await snapshot(tenant_for(sim_tenant(sim_state), simulator), observer=observer)
+    sleep = RecordingSleep()
+    tenant = tenant_for(sim_tenant(sim_state), simulator)
+    outcome, _ = await snapshot(tenant, observer=observer, sleep=sleep)
     assert outcome.complete
-    assert time.monotonic() - started >= 0.5  # the backoff alone would be under 0.1 s
+    assert sleep.waits_s == [0.25, 0.25]  # the server's wait, not the (shorter) backoff
     assert observer.retries == ["429", "429"]
     assert observer.done.count("429") == 2
 
@@ -239,10 +257,10 @@ async def test_retry_after_is_capped(sim_state: sim.SimulatorState, simulator: s
         sim.Fault("429", tenant=NAME, offset=49, retry_after_s=3600, retry_after_in="both")
     )
     tenant = tenant_for(sim_tenant(sim_state), simulator, retry_after_max="100ms")
-    started = time.monotonic()
-    outcome, _ = await snapshot(tenant)
+    sleep = RecordingSleep()
+    outcome, _ = await snapshot(tenant, sleep=sleep)
     assert outcome.complete
-    assert 0.1 <= time.monotonic() - started < 2
+    assert sleep.waits_s == [0.1]  # an hour asked for, retry_after_max given
 
 
 async def test_520_is_retried(sim_state: sim.SimulatorState, simulator: str) -> None:
@@ -525,9 +543,7 @@ async def test_token_refreshed_before_expiry(simulator: str, sim_state: sim.Simu
     tenant = tenant_for(
         sim_tenant(sim_state), simulator, password=True, page_size=20, max_concurrent_pages=2
     )
-    started = time.monotonic()
     outcome, _ = await snapshot(tenant)
-    assert time.monotonic() - started > 0.6
     assert outcome.complete
     assert sim_state.token_grants["password"] == 1
     assert sim_state.token_grants["refresh_token"] >= 1
