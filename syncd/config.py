@@ -417,7 +417,12 @@ class Config:
         raise KeyError(name)
 
     def select_tenants(self, names: Sequence[str]) -> list[Tenant]:
-        """The tenants `names` (all when empty), once each; `errors.UsageError` for unknowns."""
+        """The tenants `names` (all when empty), once each.
+
+        `errors.UsageError` for unknown names, or when no tenant is configured at all.
+        """
+        if not self.tenants:
+            raise errors.UsageError("no tenants configured: add [[tenants]] to the config file")
         if not names:
             return list(self.tenants)
         known = {tenant.name for tenant in self.tenants}
