@@ -34,7 +34,7 @@ import ssl
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +87,7 @@ ERROR_SHAPES = ("errors", "error", "oauth")
 _JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 _PAGE_CACHE_ENTRIES = 50_000
 _ASYNC_ACTIONS_KEPT = 10_000
+_ISSUED_TOKENS_KEPT = 10_000
 _DUPLICATE_JOB_FRACTION = 0.005
 _SHARED_SOURCE_FRACTION = 0.1
 
@@ -182,15 +183,35 @@ class _Token:
     expires_at: float
 
 
+@dataclass(frozen=True)
+class TokenPair:
+    """What a successful grant hands out."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    expires_in_s: int
+
+
 @dataclass
-class _AsyncAction:
+class AsyncAction:
+    """A queued request's answer, ready once `polls_left` more polls have been answered."""
+
     tenant: str
-    body: bytes
+    body: bytes = field(repr=False)
     polls_left: int
+
+    def poll(self) -> bytes | None:
+        """The answer, or None (and one poll fewer to go) while it is still running."""
+        if self.polls_left > 0:
+            self.polls_left -= 1
+            return None
+        return self.body
 
 
 @dataclass(frozen=True)
-class _Query:
+class PageQuery:
+    """A jobObjects request's paging, sorting, filtering and selection, as parsed."""
+
     offset: int
     limit: int
     sort: tuple[tuple[str, bool], ...]  # (property, descending)
@@ -199,7 +220,7 @@ class _Query:
     select: tuple[str, ...]
 
 
-class _BadQuery(ValueError):
+class BadQuery(ValueError):
     """A query parameter VSPC would refuse with 400."""
 
 
@@ -332,6 +353,22 @@ def _error_in_shape(status: int, message: str, shape: str) -> web.Response:
     return _json_response(status, _error_body(status, message, "logical"))
 
 
+def _async_running(action_id: str) -> web.Response:
+    """202: the answer is being computed; poll `Location` for it."""
+    body = orjson.dumps({"data": {"id": action_id, "status": "running"}})
+    return _json_response(202, body, {"Location": f"{ASYNC_ACTIONS_PATH}/{action_id}"})
+
+
+def _token_response(tokens: TokenPair) -> web.Response:
+    body = {
+        "access_token": tokens.access_token,
+        "token_type": "bearer",
+        "refresh_token": tokens.refresh_token,
+        "expires_in": tokens.expires_in_s,
+    }
+    return _json_response(200, orjson.dumps(body))
+
+
 def _oauth_error(error: str, description: str) -> web.Response:
     return _json_response(
         400, orjson.dumps({"error": error, "error_description": description, "error_uri": None})
@@ -345,9 +382,9 @@ def _int_param(query: Mapping[str, str], name: str, default: int, low: int, high
     try:
         value = int(raw.strip())
     except ValueError:
-        raise _BadQuery(f"'{name}' must be an integer, got {raw!r}") from None
+        raise BadQuery(f"'{name}' must be an integer, got {raw!r}") from None
     if not low <= value <= high:
-        raise _BadQuery(f"'{name}' must be within {low}..{high}, got {value}")
+        raise BadQuery(f"'{name}' must be within {low}..{high}, got {value}")
     return value
 
 
@@ -358,18 +395,18 @@ def _json_param(query: Mapping[str, str], name: str) -> list[Any]:
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise _BadQuery(f"'{name}' is not valid JSON") from None
+        raise BadQuery(f"'{name}' is not valid JSON") from None
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
-        raise _BadQuery(f"'{name}' must be a JSON array of objects")
+        raise BadQuery(f"'{name}' must be a JSON array of objects")
     return value
 
 
 def _property(entry: Mapping[str, Any], key: str, what: str) -> str:
     name = entry.get(key)
     if name not in PROPERTIES:
-        raise _BadQuery(f"{what}: unknown property {name!r}")
+        raise BadQuery(f"{what}: unknown property {name!r}")
     assert isinstance(name, str)
     return name
 
@@ -379,7 +416,7 @@ def _predicate(expression: Mapping[str, Any]) -> Callable[[dict[str, str]], bool
     if operation in ("and", "or", "not"):
         inner_raw = expression.get("items")
         if not isinstance(inner_raw, list) or not inner_raw:
-            raise _BadQuery(f"filter: '{operation}' needs items")
+            raise BadQuery(f"filter: '{operation}' needs items")
         inner = [_predicate(item) for item in inner_raw if isinstance(item, dict)]
         if operation == "and":
             return lambda item: all(check(item) for check in inner)
@@ -395,7 +432,7 @@ def _predicate(expression: Mapping[str, Any]) -> Callable[[dict[str, str]], bool
     if operation == "in" and isinstance(value, list):
         values = frozenset(value)
         return lambda item: item.get(name) in values
-    raise _BadQuery(f"filter: operation {operation!r} is not supported by the simulator")
+    raise BadQuery(f"filter: operation {operation!r} is not supported by the simulator")
 
 
 def _sort_key(name: str) -> Callable[[dict[str, str]], str]:
@@ -405,7 +442,8 @@ def _sort_key(name: str) -> Callable[[dict[str, str]], str]:
     return key
 
 
-def _parse_query(query: Mapping[str, str], max_page_size: int) -> _Query:
+def parse_query(query: Mapping[str, str], max_page_size: int) -> PageQuery:
+    """The query parameters of a jobObjects request; `BadQuery` if VSPC would refuse them."""
     limit = _int_param(query, "limit", DEFAULT_LIMIT, 1, max_page_size)
     offset = _int_param(query, "offset", 0, 0, MAX_OFFSET)
     sort = []
@@ -413,14 +451,14 @@ def _parse_query(query: Mapping[str, str], max_page_size: int) -> _Query:
         name = _property(entry, "property", "sort")
         direction = entry.get("direction", "ascending")
         if direction not in ("ascending", "descending"):
-            raise _BadQuery(f"sort: unknown direction {direction!r}")
+            raise BadQuery(f"sort: unknown direction {direction!r}")
         sort.append((name, direction == "descending"))
     filters = _json_param(query, "filter")
     predicate = _predicate({"operation": "and", "items": filters}) if filters else None
     select = tuple(
         _property(entry, "propertyPath", "select") for entry in _json_param(query, "select")
     )
-    return _Query(
+    return PageQuery(
         offset=offset,
         limit=limit,
         sort=tuple(sort),
@@ -435,7 +473,12 @@ class SimulatorState:
 
     Observations for tests: `requests_by_status`, `max_in_flight` / `in_flight` (jobObjects
     requests per tenant), `request_log` (the last 10,000 requests), `token_grants` (successful
-    grants by type) and `faults_fired` (by kind).
+    grants by type), `issued_tokens` (the last 10,000 access and refresh tokens handed out)
+    and `faults_fired` (by kind).
+
+    The request handler (`create_app`) reads and changes the state only through its public
+    methods: `authenticate`, the token methods, `take_fault`, `page_body` / `page_document`,
+    `serving_page` and the async action methods.
     """
 
     def __init__(
@@ -472,6 +515,7 @@ class SimulatorState:
             maxlen=REQUEST_LOG_SIZE
         )
         self.token_grants: collections.Counter[str] = collections.Counter()
+        self.issued_tokens: collections.deque[str] = collections.deque(maxlen=_ISSUED_TOKENS_KEPT)
         self.faults_fired: collections.Counter[str] = collections.Counter()
 
         # Separate streams so that, e.g., unsorted requests do not shift which faults fire.
@@ -483,7 +527,7 @@ class SimulatorState:
         self._refresh_tokens: dict[str, str] = {}
         self._views: dict[str, dict[tuple[Any, ...], list[dict[str, str]]]] = {}
         self._pages: dict[str, dict[tuple[Any, ...], bytes]] = {}
-        self._async_actions: collections.OrderedDict[str, _AsyncAction] = collections.OrderedDict()
+        self._async_actions: collections.OrderedDict[str, AsyncAction] = collections.OrderedDict()
 
     # --- scripting -------------------------------------------------------------------------
 
@@ -525,6 +569,7 @@ class SimulatorState:
         self.requests_by_status.clear()
         self.request_log.clear()
         self.token_grants.clear()
+        self.issued_tokens.clear()
         self.faults_fired.clear()
         self.max_in_flight = dict(self.in_flight)
 
@@ -573,8 +618,9 @@ class SimulatorState:
 
     # --- auth ------------------------------------------------------------------------------
 
-    def _authenticate(self, header: str | None) -> tuple[str, str] | None:
-        """(tenant, credential kind) for an Authorization header value, if it is valid."""
+    def authenticate(self, header: str | None) -> tuple[str, str] | None:
+        """(tenant, credential kind) for an Authorization header value, if it is valid; the
+        kind is "api_key" or "access_token"."""
         scheme, _, credential = (header or "").partition(" ")
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential:
@@ -590,28 +636,36 @@ class SimulatorState:
             return None
         return token.tenant, "access_token"
 
-    def _issue_tokens(self, tenant: str, grant: str) -> bytes:
+    def tenant_by_username(self, username: str) -> str | None:
+        """The tenant whose account is `username`, if there is one."""
+        return self._by_username.get(username)
+
+    def refresh_token_owner(self, refresh_token: str) -> str | None:
+        """The tenant a valid refresh token belongs to, without spending the token."""
+        return self._refresh_tokens.get(refresh_token)
+
+    def redeem_refresh_token(self, refresh_token: str) -> str | None:
+        """Spends a refresh token (they rotate); its tenant, or None if it is not valid."""
+        return self._refresh_tokens.pop(refresh_token, None)
+
+    def issue_tokens(self, tenant: str, grant: str) -> TokenPair:
+        """A new access and refresh token for `tenant`, counted in `token_grants[grant]`."""
         access = f"sim-at-{secrets.token_urlsafe(24)}"
         refresh = f"sim-rt-{secrets.token_urlsafe(24)}"
         self._access_tokens[access] = _Token(tenant, time.monotonic() + self.token_lifetime_s)
         self._refresh_tokens[refresh] = tenant
         self.token_grants[grant] += 1
-        return orjson.dumps(
-            {
-                "access_token": access,
-                "token_type": "bearer",
-                "refresh_token": refresh,
-                # Rounded up so a short test lifetime is never advertised as 0.
-                "expires_in": math.ceil(self.token_lifetime_s),
-            }
-        )
+        self.issued_tokens.extend((access, refresh))
+        # Rounded up so a short test lifetime is never advertised as 0.
+        return TokenPair(access, refresh, math.ceil(self.token_lifetime_s))
 
     # --- faults ----------------------------------------------------------------------------
 
-    def _take_fault(
+    def take_fault(
         self, tenant: str | None, offset: int | None, kinds: frozenset[str]
     ) -> tuple[float, Fault | None]:
-        """(total latency to add, the one other fault to apply), consuming what fires."""
+        """For a request of `tenant` at `offset` (None: the token endpoint), among faults of
+        `kinds`: (total latency to add, the one other fault to apply), consuming what fires."""
         delay_s = 0.0
         chosen: Fault | None = None
         for armed in self._faults:
@@ -638,7 +692,7 @@ class SimulatorState:
 
     # --- pages -----------------------------------------------------------------------------
 
-    def _view(self, tenant: str, query: _Query) -> list[dict[str, str]]:
+    def _view(self, tenant: str, query: PageQuery) -> list[dict[str, str]]:
         """The tenant's items, filtered and (when asked) sorted; cached until data changes."""
         views = self._views.setdefault(tenant, {})
         key = (query.sort, query.filter_key)
@@ -653,7 +707,9 @@ class SimulatorState:
             views[key] = view
         return view
 
-    def _page_document(self, tenant: str, query: _Query) -> dict[str, Any]:
+    def page_document(self, tenant: str, query: PageQuery) -> dict[str, Any]:
+        """The page `query` asks of `tenant`'s items, as a fresh document a caller may edit
+        (the items themselves are shared: replace them, do not change them)."""
         view = self._view(tenant, query)
         total = len(view)
         if query.sort:
@@ -669,28 +725,43 @@ class SimulatorState:
             "errors": None,
         }
 
-    def _page_body(self, tenant: str, query: _Query) -> bytes:
+    def page_body(self, tenant: str, query: PageQuery) -> bytes:
+        """`page_document` as JSON; sorted pages are cached until the tenant's data changes."""
         if not query.sort:
-            return orjson.dumps(self._page_document(tenant, query))
+            return orjson.dumps(self.page_document(tenant, query))
         pages = self._pages.setdefault(tenant, {})
         key = (query.offset, query.limit, query.sort, query.filter_key, query.select)
         body = pages.get(key)
         if body is None:
             if len(pages) >= _PAGE_CACHE_ENTRIES:
                 pages.clear()
-            body = pages[key] = orjson.dumps(self._page_document(tenant, query))
+            body = pages[key] = orjson.dumps(self.page_document(tenant, query))
         return body
 
-    def _new_async_action(self, tenant: str, body: bytes, polls: int) -> str:
+    @contextlib.contextmanager
+    def serving_page(self, tenant: str) -> Iterator[None]:
+        """Counts a jobObjects request of `tenant` in `in_flight` while it is answered."""
+        self.in_flight[tenant] += 1
+        self.max_in_flight[tenant] = max(self.max_in_flight[tenant], self.in_flight[tenant])
+        try:
+            yield
+        finally:
+            self.in_flight[tenant] -= 1
+
+    # --- async actions ---------------------------------------------------------------------
+
+    def new_async_action(self, tenant: str, body: bytes, polls: int) -> str:
+        """Queues `body` as the answer of a new async action of `tenant`; returns its id."""
         action_id = str(uuid.uuid4())
-        self._async_actions[action_id] = _AsyncAction(tenant, body, polls)
+        self._async_actions[action_id] = AsyncAction(tenant, body, polls)
         while len(self._async_actions) > _ASYNC_ACTIONS_KEPT:
             self._async_actions.popitem(last=False)
         return action_id
 
-    def _async_running(self, action_id: str) -> web.Response:
-        body = orjson.dumps({"data": {"id": action_id, "status": "running"}})
-        return _json_response(202, body, {"Location": f"{ASYNC_ACTIONS_PATH}/{action_id}"})
+    def async_action(self, action_id: str, tenant: str) -> AsyncAction | None:
+        """The async action `tenant` queued as `action_id`, while it is kept."""
+        action = self._async_actions.get(action_id)
+        return action if action is not None and action.tenant == tenant else None
 
 
 def _faulty_document(document: dict[str, Any], kind: str, total: int) -> dict[str, Any]:
@@ -777,7 +848,7 @@ class _Api:
                 return _vspc_error(405, "Method not allowed", "logical")
             return await self._token(request, record)
 
-        identity = self.state._authenticate(request.headers.get("Authorization"))
+        identity = self.state.authenticate(request.headers.get("Authorization"))
         if identity is None:
             return _vspc_error(401, "Authentication failed: missing or invalid token", "security")
         tenant, record.credential = identity
@@ -801,12 +872,12 @@ class _Api:
         grant = fields.get("grant_type")
         tenant: str | None = None
         if grant == "password":
-            tenant = state._by_username.get(fields.get("username", ""))
+            tenant = state.tenant_by_username(fields.get("username", ""))
         elif grant == "refresh_token":
-            tenant = state._refresh_tokens.get(fields.get("refresh_token", ""))
+            tenant = state.refresh_token_owner(fields.get("refresh_token", ""))
         record.tenant = tenant
 
-        delay_s, fault = state._take_fault(tenant, None, TOKEN_FAULT_KINDS)
+        delay_s, fault = state.take_fault(tenant, None, TOKEN_FAULT_KINDS)
         await self._sleep(delay_s)
         if fault is not None and fault.kind == "echo_secret":
             sent = ", ".join(f"{key}={value}" for key, value in fields.items())
@@ -835,15 +906,15 @@ class _Api:
                     "Multi-factor authentication is enabled for this account; "
                     "the password grant cannot be used, use an API key.",
                 )
-            return _json_response(200, state._issue_tokens(account.name, "password"))
+            return _token_response(state.issue_tokens(account.name, "password"))
         if grant == "refresh_token":
             refresh = fields.get("refresh_token")
             if not refresh:
                 return _oauth_error("invalid_request", "refresh_token is required")
-            owner = state._refresh_tokens.pop(refresh, None)
+            owner = state.redeem_refresh_token(refresh)
             if owner is None:
                 return _oauth_error("invalid_grant", "The refresh token is invalid or expired")
-            return _json_response(200, state._issue_tokens(owner, "refresh_token"))
+            return _token_response(state.issue_tokens(owner, "refresh_token"))
         return _oauth_error("unsupported_grant_type", f"Grant type {grant!r} is not supported")
 
     async def _error_fault(self, fault: Fault) -> web.Response:
@@ -875,18 +946,16 @@ class _Api:
 
     async def _job_objects(self, request: web.Request, tenant: str) -> web.StreamResponse:
         state = self.state
-        state.in_flight[tenant] += 1
-        state.max_in_flight[tenant] = max(state.max_in_flight[tenant], state.in_flight[tenant])
-        try:
+        with state.serving_page(tenant):
             try:
-                query = _parse_query(request.query, state.max_page_size)
-            except _BadQuery as exc:
+                query = parse_query(request.query, state.max_page_size)
+            except BadQuery as exc:
                 return _vspc_error(400, str(exc), "logical")
-            delay_s, fault = state._take_fault(tenant, query.offset, FAULT_KINDS)
+            delay_s, fault = state.take_fault(tenant, query.offset, FAULT_KINDS)
             await self._sleep(delay_s)
             kind = fault.kind if fault is not None else None
             if fault is None or kind == "drift":
-                body = state._page_body(tenant, query)
+                body = state.page_body(tenant, query)
                 if kind == "drift":
                     state.remove_pairs(tenant, 1)
                     state.add_pairs(tenant, 1)
@@ -894,19 +963,19 @@ class _Api:
             if kind in ("hang", "429", "520", "status", "403", "401"):
                 return await self._error_fault(fault)
             if kind == "async202":
-                action_id = state._new_async_action(
-                    tenant, state._page_body(tenant, query), fault.polls
+                action_id = state.new_async_action(
+                    tenant, state.page_body(tenant, query), fault.polls
                 )
-                return state._async_running(action_id)
+                return _async_running(action_id)
             if kind == "malformed_json":
                 return _json_response(200, b'{"meta": {"pagingInfo": {"total": 3,, "data": [')
             if kind == "truncated":
-                body = state._page_body(tenant, query)
+                body = state.page_body(tenant, query)
                 # web.Response sets Content-Length from the cut body: a JSON error, not EOF.
                 return _json_response(200, body[: len(body) // 2])
             if kind == "wrong_offset":
                 first_page = dataclasses.replace(query, offset=0)
-                return _json_response(200, state._page_body(tenant, first_page))
+                return _json_response(200, state.page_body(tenant, first_page))
             if kind == "echo_secret":
                 header = request.headers.get("Authorization", "")
                 message = f"Malformed request header: Authorization: {header}"
@@ -914,26 +983,20 @@ class _Api:
             if kind == "message":
                 return _error_in_shape(fault.status or 400, fault.message, fault.shape)
             if kind == "oversized_body":
-                body = _padded_page(state._page_body(tenant, query), fault.size_bytes)
+                body = _padded_page(state.page_body(tenant, query), fault.size_bytes)
                 return _json_response(200, body)
             if kind == "gzip_bomb":
-                bomb = _gzip_bomb(state._page_body(tenant, query), fault.size_bytes)
+                bomb = _gzip_bomb(state.page_body(tenant, query), fault.size_bytes)
                 return _json_response(200, bomb, {"Content-Encoding": "gzip"})
-            document = _faulty_document(
-                state._page_document(tenant, query), fault.kind, fault.total
-            )
+            document = _faulty_document(state.page_document(tenant, query), fault.kind, fault.total)
             return _json_response(200, orjson.dumps(document))
-        finally:
-            state.in_flight[tenant] -= 1
 
     def _async_action(self, action_id: str, tenant: str) -> web.Response:
-        action = self.state._async_actions.get(action_id)
-        if action is None or action.tenant != tenant:
+        action = self.state.async_action(action_id, tenant)
+        if action is None:
             return _vspc_error(404, f"Async action {action_id} not found", "logical")
-        if action.polls_left > 0:
-            action.polls_left -= 1
-            return self.state._async_running(action_id)
-        return _json_response(200, action.body)
+        body = action.poll()
+        return _async_running(action_id) if body is None else _json_response(200, body)
 
 
 def create_app(state: SimulatorState) -> web.Application:
