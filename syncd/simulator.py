@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import enum
 import functools
 import logging
 import math
@@ -34,7 +35,7 @@ import ssl
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,36 +53,6 @@ MAX_OFFSET = 2_147_483_647
 PROPERTIES = ("jobUid", "linkedJobUid", "uniqueJobUid")
 REQUEST_LOG_SIZE = 10_000
 
-FAULT_KINDS = frozenset(
-    {
-        "429",
-        "520",
-        "status",
-        "403",
-        "401",
-        "async202",
-        "latency",
-        "hang",
-        "malformed_json",
-        "truncated",
-        "bad_uuid",
-        "missing_field",
-        "wrong_total",
-        "wrong_offset",
-        "wrong_count",
-        "drift",
-        "null_meta",
-        # A hostile server's answers.
-        "huge_total",
-        "short_page",
-        "oversized_body",
-        "gzip_bomb",
-        "echo_secret",
-        "message",
-    }
-)
-# The token endpoint has no pages, so only these make sense there (and only with offset None).
-TOKEN_FAULT_KINDS = frozenset({"429", "520", "latency", "hang", "echo_secret", "message"})
 ERROR_SHAPES = ("errors", "error", "oauth")
 
 _JSON_CONTENT_TYPE = "application/json; charset=utf-8"
@@ -92,6 +63,72 @@ _DUPLICATE_JOB_FRACTION = 0.005
 _SHARED_SOURCE_FRACTION = 0.1
 
 _log = logging.getLogger(__name__)
+
+
+class FaultKind(enum.StrEnum):
+    """What a `Fault` does to the request it fires on; `Fault` accepts the values as well."""
+
+    THROTTLED = "429"
+    """429 Too Many Requests, with `retry_after_s` in the body, a header or both."""
+    SERVER_ERROR = "520"
+    """A server error (sent as 520) of `error_type`, "transport" by default."""
+    STATUS = "status"
+    """An error with HTTP `status` (>= 500 sent as 520) of `error_type`, "logical" by default."""
+    FORBIDDEN = "403"
+    """403: insufficient rights."""
+    UNAUTHORIZED = "401"
+    """401, as if the token had been revoked."""
+    ASYNC_ACTION = "async202"
+    """202 and an async action that is done after `polls` polls."""
+    LATENCY = "latency"
+    """`delay_s` before answering, added to whatever else answers."""
+    HANG = "hang"
+    """No answer until the server stops (or `SimulatorState.hang_s` passes)."""
+    MALFORMED_JSON = "malformed_json"
+    """A 200 whose body is not JSON."""
+    TRUNCATED = "truncated"
+    """The first half of the page's body."""
+    BAD_UUID = "bad_uuid"
+    """One item's `jobUid` is not a UUID."""
+    MISSING_FIELD = "missing_field"
+    """One item lacks `linkedJobUid`."""
+    WRONG_TOTAL = "wrong_total"
+    """`total` is 7 too many."""
+    WRONG_OFFSET = "wrong_offset"
+    """The first page, whatever `offset` was asked for."""
+    WRONG_COUNT = "wrong_count"
+    """`count` is one more than the items sent."""
+    DRIFT = "drift"
+    """The right page, then the data changes: one pair removed, one added."""
+    NULL_META = "null_meta"
+    """`meta` is null."""
+    HUGE_TOTAL = "huge_total"
+    """The page claims `total` items (a hostile server)."""
+    SHORT_PAGE = "short_page"
+    """One item, whatever the limit."""
+    OVERSIZED_BODY = "oversized_body"
+    """A valid page padded to `size_bytes`."""
+    GZIP_BOMB = "gzip_bomb"
+    """A gzip body that inflates to `size_bytes`."""
+    ECHO_SECRET = "echo_secret"  # noqa: S105 - a fault's name, not a secret
+    """An error quoting the request's Authorization header (the token endpoint: its form,
+    password included)."""
+    MESSAGE = "message"
+    """An error whose text is `message`, in the error `shape`, with HTTP `status` (400)."""
+
+
+FAULT_KINDS = frozenset(FaultKind)
+# The token endpoint has no pages, so only these make sense there (and only with offset None).
+TOKEN_FAULT_KINDS = frozenset(
+    {
+        FaultKind.THROTTLED,
+        FaultKind.SERVER_ERROR,
+        FaultKind.LATENCY,
+        FaultKind.HANG,
+        FaultKind.ECHO_SECRET,
+        FaultKind.MESSAGE,
+    }
+)
 
 
 @dataclass
@@ -111,19 +148,12 @@ class SimTenant:
 class Fault:
     """A scripted misbehaviour, matched per request by tenant, offset, times and probability.
 
-    Kinds: "429", "520", "status", "403", "401", "async202", "latency", "hang",
-    "malformed_json", "truncated", "bad_uuid", "missing_field", "wrong_total", "wrong_offset",
-    "wrong_count", "drift", "null_meta", and a hostile server's: "huge_total" (the page
-    claims `total` items), "short_page" (one item, whatever the limit), "oversized_body"
-    (a valid page padded to `size_bytes`), "gzip_bomb" (a gzip body that inflates to
-    `size_bytes`), "echo_secret" (an error quoting the request's Authorization header, or
-    the password sent to the token endpoint) and "message" (an error whose text is
-    `message`, in the error `shape` "errors", "error" or "oauth"). The token endpoint
-    honours "429", "520", "latency", "hang", "echo_secret" and "message" when `offset` is
-    None. `error_type` None means "transport" for "520" and "logical" for "status".
+    `kind` is a `FaultKind` or its value (`Fault("429")`); the other fields tune particular
+    kinds, as `FaultKind` says. The token endpoint honours `TOKEN_FAULT_KINDS` when `offset`
+    is None. `shape` is one of `ERROR_SHAPES`.
     """
 
-    kind: str
+    kind: FaultKind
     tenant: str | None = None
     offset: int | None = None
     times: int | None = 1
@@ -140,11 +170,14 @@ class Fault:
     shape: str = "errors"
 
     def __post_init__(self) -> None:
-        if self.kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r}; one of {sorted(FAULT_KINDS)}")
+        try:
+            self.kind = FaultKind(self.kind)
+        except ValueError:
+            known = sorted(kind.value for kind in FaultKind)
+            raise ValueError(f"unknown fault kind {self.kind!r}; one of {known}") from None
         if self.retry_after_in not in ("body", "header", "both"):
             raise ValueError("retry_after_in must be 'body', 'header' or 'both'")
-        if self.kind == "status" and self.status is None:
+        if self.kind == FaultKind.STATUS and self.status is None:
             raise ValueError("a 'status' fault needs status=")
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError("probability must be within 0..1")
@@ -662,7 +695,7 @@ class SimulatorState:
     # --- faults ----------------------------------------------------------------------------
 
     def take_fault(
-        self, tenant: str | None, offset: int | None, kinds: frozenset[str]
+        self, tenant: str | None, offset: int | None, kinds: frozenset[FaultKind]
     ) -> tuple[float, Fault | None]:
         """For a request of `tenant` at `offset` (None: the token endpoint), among faults of
         `kinds`: (total latency to add, the one other fault to apply), consuming what fires."""
@@ -676,14 +709,14 @@ class SimulatorState:
                 continue
             if fault.offset is not None and fault.offset != offset:
                 continue
-            if chosen is not None and fault.kind != "latency":
+            if chosen is not None and fault.kind != FaultKind.LATENCY:
                 continue
             if fault.probability < 1.0 and self._fault_rng.random() >= fault.probability:
                 continue
             if armed.remaining is not None:
                 armed.remaining -= 1
-            self.faults_fired[fault.kind] += 1
-            if fault.kind == "latency":
+            self.faults_fired[fault.kind.value] += 1
+            if fault.kind == FaultKind.LATENCY:
                 delay_s += fault.delay_s
             else:
                 chosen = fault
@@ -764,28 +797,202 @@ class SimulatorState:
         return action if action is not None and action.tenant == tenant else None
 
 
-def _faulty_document(document: dict[str, Any], kind: str, total: int) -> dict[str, Any]:
-    """`document` damaged as `kind` says (the cached items are copied, never edited)."""
+# --- fault handlers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FaultContext:
+    """The request a fault answers, and what its handler may use to answer it."""
+
+    state: SimulatorState
+    tenant: str | None
+    headers: Mapping[str, str]
+    sleep: Callable[[float], Awaitable[None]]
+    """Sleeps, but returns early when the server shuts down."""
+    query: PageQuery | None = None
+    """A jobObjects request's query; None at the token endpoint."""
+    form: Mapping[str, str] | None = None
+    """The token endpoint's form fields; None for a jobObjects request."""
+
+    def page(self) -> tuple[str, PageQuery]:
+        """(tenant, query) of the jobObjects request being answered."""
+        # Page faults are not in TOKEN_FAULT_KINDS, so they never fire at the token endpoint.
+        assert self.tenant is not None and self.query is not None, "not a jobObjects request"
+        return self.tenant, self.query
+
+    def page_body(self) -> bytes:
+        """The body the request would get without a fault."""
+        tenant, query = self.page()
+        return self.state.page_body(tenant, query)
+
+
+FaultHandler = Callable[[Fault, FaultContext], Awaitable[web.Response]]
+
+
+async def _throttled(fault: Fault, context: FaultContext) -> web.Response:
+    extra: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+    if fault.retry_after_s is not None:
+        if fault.retry_after_in in ("body", "both"):
+            extra["retryAfter"] = _number(fault.retry_after_s)
+        if fault.retry_after_in in ("header", "both"):
+            headers["Retry-After"] = str(_number(fault.retry_after_s))
+    body = _error_body(429, "Too many requests", "transport", **extra)
+    return _json_response(429, body, headers)
+
+
+async def _server_error(fault: Fault, context: FaultContext) -> web.Response:
+    return _vspc_error(500, "Internal server error", fault.error_type or "transport")
+
+
+async def _status(fault: Fault, context: FaultContext) -> web.Response:
+    assert fault.status is not None
+    message = f"Simulated error {fault.status}"
+    return _vspc_error(fault.status, message, fault.error_type or "logical")
+
+
+async def _forbidden(fault: Fault, context: FaultContext) -> web.Response:
+    return _vspc_error(403, "Access denied: insufficient rights", "security")
+
+
+async def _unauthorized(fault: Fault, context: FaultContext) -> web.Response:
+    return _vspc_error(401, "Authentication failed: token was revoked", "security")
+
+
+async def _queue_async_action(fault: Fault, context: FaultContext) -> web.Response:
+    tenant, _ = context.page()
+    action_id = context.state.new_async_action(tenant, context.page_body(), fault.polls)
+    return _async_running(action_id)
+
+
+async def _hang(fault: Fault, context: FaultContext) -> web.Response:
+    await context.sleep(context.state.hang_s)
+    return _vspc_error(500, "The server is shutting down", "transport")
+
+
+async def _malformed_json(fault: Fault, context: FaultContext) -> web.Response:
+    return _json_response(200, b'{"meta": {"pagingInfo": {"total": 3,, "data": [')
+
+
+async def _truncated(fault: Fault, context: FaultContext) -> web.Response:
+    body = context.page_body()
+    # web.Response sets Content-Length from the cut body: a JSON error, not EOF.
+    return _json_response(200, body[: len(body) // 2])
+
+
+async def _wrong_offset(fault: Fault, context: FaultContext) -> web.Response:
+    tenant, query = context.page()
+    first_page = dataclasses.replace(query, offset=0)
+    return _json_response(200, context.state.page_body(tenant, first_page))
+
+
+async def _drift(fault: Fault, context: FaultContext) -> web.Response:
+    tenant, _ = context.page()
+    body = context.page_body()
+    context.state.remove_pairs(tenant, 1)
+    context.state.add_pairs(tenant, 1)
+    return _json_response(200, body)
+
+
+async def _oversized_body(fault: Fault, context: FaultContext) -> web.Response:
+    return _json_response(200, _padded_page(context.page_body(), fault.size_bytes))
+
+
+async def _gzip_bomb_body(fault: Fault, context: FaultContext) -> web.Response:
+    bomb = _gzip_bomb(context.page_body(), fault.size_bytes)
+    return _json_response(200, bomb, {"Content-Encoding": "gzip"})
+
+
+async def _echo_secret(fault: Fault, context: FaultContext) -> web.Response:
+    if context.form is not None:
+        sent = ", ".join(f"{key}={value}" for key, value in context.form.items())
+        return _oauth_error("invalid_request", f"Cannot parse the request: {sent}")
+    header = context.headers.get("Authorization", "")
+    message = f"Malformed request header: Authorization: {header}"
+    return _error_in_shape(fault.status or 400, message, fault.shape)
+
+
+async def _message(fault: Fault, context: FaultContext) -> web.Response:
+    return _error_in_shape(fault.status or 400, fault.message, fault.shape)
+
+
+def _damaged_page(damage: Callable[[Fault, dict[str, Any]], None]) -> FaultHandler:
+    """A handler answering 200 with the request's page document as `damage` leaves it."""
+
+    async def handler(fault: Fault, context: FaultContext) -> web.Response:
+        tenant, query = context.page()
+        document = context.state.page_document(tenant, query)
+        damage(fault, document)
+        return _json_response(200, orjson.dumps(document))
+
+    return handler
+
+
+def _bad_uuid(fault: Fault, document: dict[str, Any]) -> None:
     data: list[dict[str, str]] = document["data"]
-    paging: dict[str, int] = document["meta"]["pagingInfo"]
-    if kind == "bad_uuid" and data:
+    if data:
         data[len(data) // 2] = {**data[len(data) // 2], "jobUid": "not-a-uuid"}
-    elif kind == "missing_field" and data:
+
+
+def _missing_field(fault: Fault, document: dict[str, Any]) -> None:
+    data: list[dict[str, str]] = document["data"]
+    if data:
         item = dict(data[len(data) // 2])
         item.pop("linkedJobUid", None)
         data[len(data) // 2] = item
-    elif kind == "wrong_total":
-        paging["total"] += 7
-    elif kind == "wrong_count":
-        paging["count"] = len(data) + 1
-    elif kind == "null_meta":
-        document["meta"] = None
-    elif kind == "huge_total":
-        paging["total"] = total
-    elif kind == "short_page":
-        document["data"] = data[:1]
-        paging["count"] = len(document["data"])
-    return document
+
+
+def _wrong_total(fault: Fault, document: dict[str, Any]) -> None:
+    document["meta"]["pagingInfo"]["total"] += 7
+
+
+def _wrong_count(fault: Fault, document: dict[str, Any]) -> None:
+    document["meta"]["pagingInfo"]["count"] = len(document["data"]) + 1
+
+
+def _null_meta(fault: Fault, document: dict[str, Any]) -> None:
+    document["meta"] = None
+
+
+def _huge_total(fault: Fault, document: dict[str, Any]) -> None:
+    document["meta"]["pagingInfo"]["total"] = fault.total
+
+
+def _short_page(fault: Fault, document: dict[str, Any]) -> None:
+    document["data"] = document["data"][:1]
+    document["meta"]["pagingInfo"]["count"] = len(document["data"])
+
+
+# LATENCY has none: `take_fault` turns it into a delay before whatever answers.
+FAULT_HANDLERS: Mapping[FaultKind, FaultHandler] = {
+    FaultKind.THROTTLED: _throttled,
+    FaultKind.SERVER_ERROR: _server_error,
+    FaultKind.STATUS: _status,
+    FaultKind.FORBIDDEN: _forbidden,
+    FaultKind.UNAUTHORIZED: _unauthorized,
+    FaultKind.ASYNC_ACTION: _queue_async_action,
+    FaultKind.HANG: _hang,
+    FaultKind.MALFORMED_JSON: _malformed_json,
+    FaultKind.TRUNCATED: _truncated,
+    FaultKind.BAD_UUID: _damaged_page(_bad_uuid),
+    FaultKind.MISSING_FIELD: _damaged_page(_missing_field),
+    FaultKind.WRONG_TOTAL: _damaged_page(_wrong_total),
+    FaultKind.WRONG_OFFSET: _wrong_offset,
+    FaultKind.WRONG_COUNT: _damaged_page(_wrong_count),
+    FaultKind.DRIFT: _drift,
+    FaultKind.NULL_META: _damaged_page(_null_meta),
+    FaultKind.HUGE_TOTAL: _damaged_page(_huge_total),
+    FaultKind.SHORT_PAGE: _damaged_page(_short_page),
+    FaultKind.OVERSIZED_BODY: _oversized_body,
+    FaultKind.GZIP_BOMB: _gzip_bomb_body,
+    FaultKind.ECHO_SECRET: _echo_secret,
+    FaultKind.MESSAGE: _message,
+}
+
+
+async def answer_fault(fault: Fault, context: FaultContext) -> web.Response:
+    """The response `fault` gives the request in `context`, in place of the normal one."""
+    return await FAULT_HANDLERS[fault.kind](fault, context)
 
 
 class _Api:
@@ -879,13 +1086,9 @@ class _Api:
 
         delay_s, fault = state.take_fault(tenant, None, TOKEN_FAULT_KINDS)
         await self._sleep(delay_s)
-        if fault is not None and fault.kind == "echo_secret":
-            sent = ", ".join(f"{key}={value}" for key, value in fields.items())
-            return _oauth_error("invalid_request", f"Cannot parse the request: {sent}")
-        if fault is not None and fault.kind == "message":
-            return _error_in_shape(fault.status or 400, fault.message, fault.shape)
         if fault is not None:
-            return await self._error_fault(fault)
+            context = FaultContext(state, tenant, request.headers, self._sleep, form=fields)
+            return await answer_fault(fault, context)
 
         if not grant:
             return _oauth_error("invalid_request", "grant_type is required")
@@ -917,33 +1120,6 @@ class _Api:
             return _token_response(state.issue_tokens(owner, "refresh_token"))
         return _oauth_error("unsupported_grant_type", f"Grant type {grant!r} is not supported")
 
-    async def _error_fault(self, fault: Fault) -> web.Response:
-        """The response of a fault that replaces the answer with an error (or hangs)."""
-        if fault.kind == "hang":
-            await self._sleep(self.state.hang_s)
-            return _vspc_error(500, "The server is shutting down", "transport")
-        if fault.kind == "429":
-            extra: dict[str, Any] = {}
-            headers: dict[str, str] = {}
-            if fault.retry_after_s is not None:
-                if fault.retry_after_in in ("body", "both"):
-                    extra["retryAfter"] = _number(fault.retry_after_s)
-                if fault.retry_after_in in ("header", "both"):
-                    headers["Retry-After"] = str(_number(fault.retry_after_s))
-            body = _error_body(429, "Too many requests", "transport", **extra)
-            return _json_response(429, body, headers)
-        if fault.kind == "520":
-            return _vspc_error(500, "Internal server error", fault.error_type or "transport")
-        if fault.kind == "status":
-            assert fault.status is not None
-            message = f"Simulated error {fault.status}"
-            return _vspc_error(fault.status, message, fault.error_type or "logical")
-        if fault.kind == "403":
-            return _vspc_error(403, "Access denied: insufficient rights", "security")
-        if fault.kind == "401":
-            return _vspc_error(401, "Authentication failed: token was revoked", "security")
-        raise AssertionError(f"not an error fault: {fault.kind}")
-
     async def _job_objects(self, request: web.Request, tenant: str) -> web.StreamResponse:
         state = self.state
         with state.serving_page(tenant):
@@ -953,43 +1129,10 @@ class _Api:
                 return _vspc_error(400, str(exc), "logical")
             delay_s, fault = state.take_fault(tenant, query.offset, FAULT_KINDS)
             await self._sleep(delay_s)
-            kind = fault.kind if fault is not None else None
-            if fault is None or kind == "drift":
-                body = state.page_body(tenant, query)
-                if kind == "drift":
-                    state.remove_pairs(tenant, 1)
-                    state.add_pairs(tenant, 1)
-                return _json_response(200, body)
-            if kind in ("hang", "429", "520", "status", "403", "401"):
-                return await self._error_fault(fault)
-            if kind == "async202":
-                action_id = state.new_async_action(
-                    tenant, state.page_body(tenant, query), fault.polls
-                )
-                return _async_running(action_id)
-            if kind == "malformed_json":
-                return _json_response(200, b'{"meta": {"pagingInfo": {"total": 3,, "data": [')
-            if kind == "truncated":
-                body = state.page_body(tenant, query)
-                # web.Response sets Content-Length from the cut body: a JSON error, not EOF.
-                return _json_response(200, body[: len(body) // 2])
-            if kind == "wrong_offset":
-                first_page = dataclasses.replace(query, offset=0)
-                return _json_response(200, state.page_body(tenant, first_page))
-            if kind == "echo_secret":
-                header = request.headers.get("Authorization", "")
-                message = f"Malformed request header: Authorization: {header}"
-                return _error_in_shape(fault.status or 400, message, fault.shape)
-            if kind == "message":
-                return _error_in_shape(fault.status or 400, fault.message, fault.shape)
-            if kind == "oversized_body":
-                body = _padded_page(state.page_body(tenant, query), fault.size_bytes)
-                return _json_response(200, body)
-            if kind == "gzip_bomb":
-                bomb = _gzip_bomb(state.page_body(tenant, query), fault.size_bytes)
-                return _json_response(200, bomb, {"Content-Encoding": "gzip"})
-            document = _faulty_document(state.page_document(tenant, query), fault.kind, fault.total)
-            return _json_response(200, orjson.dumps(document))
+            if fault is None:
+                return _json_response(200, state.page_body(tenant, query))
+            context = FaultContext(state, tenant, request.headers, self._sleep, query=query)
+            return await answer_fault(fault, context)
 
     def _async_action(self, action_id: str, tenant: str) -> web.Response:
         action = self.state.async_action(action_id, tenant)
