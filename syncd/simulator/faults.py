@@ -70,10 +70,11 @@ class FaultKind(enum.StrEnum):
     GZIP_BOMB = "gzip_bomb"
     """A gzip body that inflates to `size_bytes`."""
     ECHO_SECRET = "echo_secret"  # noqa: S105 - a fault's name, not a secret
-    """An error quoting the request's Authorization header (the token endpoint: its form,
-    password included)."""
+    """An error (HTTP `status`, 400 by default, in `shape`) quoting the request's
+    Authorization header; at the token endpoint, an OAuth error quoting the form sent,
+    password included."""
     MESSAGE = "message"
-    """An error whose text is `message`, in the error `shape`, with HTTP `status` (400)."""
+    """An error whose text is `message`, in `shape`, with HTTP `status` (400 by default)."""
 
 
 FAULT_KINDS = frozenset(FaultKind)
