@@ -30,12 +30,12 @@ from pydantic import (
 )
 from yarl import URL
 
-from syncd import errors
+from syncd import environment, errors
 from syncd.paging import MAX_PAGE_SIZE
 
-DEFAULT_CONFIG_NAME = "syncd.toml"
-CONFIG_ENV = "SYNCD_CONFIG"
-DATABASE_URL_ENV = "SYNCD_DATABASE_URL"
+CONFIG_ENV = environment.CONFIG_ENV
+DATABASE_URL_ENV = environment.DATABASE_URL_ENV
+DEFAULT_CONFIG_NAME = environment.DEFAULT_CONFIG_NAME
 
 _DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*)+$")
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
