@@ -265,6 +265,7 @@ class TenantScheduler:
     def _add(self, tenant: config.Tenant, *, first_run: datetime) -> None:
         trigger, period_s = make_trigger(tenant.settings, datetime.now(UTC))
         self._states[tenant.name] = TenantState(tenant=tenant, period_s=period_s)
+        self._metrics.tenant_scheduled(tenant.name, period_s)
         self._scheduler.add_job(
             self._fire,
             trigger,
@@ -454,6 +455,7 @@ class TenantScheduler:
                 {
                     "tenant": name,
                     "schedule": schedule_text(state.tenant.settings),
+                    "period_s": state.period_s,
                     "running": state.running_since is not None,
                     "running_since": _iso(state.running_since),
                     "queued": state.queued_since is not None,
