@@ -79,6 +79,8 @@ class RunRow(Base):
         ),
         Index(None, "tenant_id", "id"),
         Index(None, "tenant_id", postgresql_where=text("status = 'running'")),
+        # The status page's last-24-hours aggregate.
+        Index(None, "started_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
