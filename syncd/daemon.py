@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import cli, config, db, errors, logs, metrics, scheduler, store, sync, web
+from syncd import cli, config, db, errors, history, logs, metrics, scheduler, store, sync, web
 
 log = structlog.get_logger(__name__)
 
@@ -136,7 +137,12 @@ class Daemon:
                 engine = await stack.enter_async_context(
                     cli.open_configured_engine(self._cfg, data_dir)
                 )
-                app = web.create_app(self, self._metrics, scrub=self._scrubber.scrub)
+                app = web.create_app(
+                    self,
+                    self._metrics,
+                    scrub=self._scrubber.scrub,
+                    read_history=functools.partial(history.read_history, engine),
+                )
                 bound_host, bound_port = await stack.enter_async_context(web.serve(app, host, port))
                 log.info(
                     "http endpoint listening",

@@ -8,30 +8,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
-import aiohttp
 import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
 
 from syncd import metrics, web
 from syncd.sync import SyncResult
+from tests.webapp import StaticView, served
 
 # Every help text names one of these (Prometheus' base units, or what is being counted).
 UNITS = ("seconds", "(runs)", "(pairs)", "(requests)", "(reloads)", "(boolean)")
-
-
-class StaticView:
-    """A daemon view with fixed readiness and tenant rows."""
-
-    def __init__(self, tenants: list[dict[str, Any]] | None = None) -> None:
-        self.rows = tenants or []
-
-    def checks(self) -> dict[str, str | None]:
-        return {"database": None, "schema": None, "scheduler": None}
-
-    def tenants(self) -> list[dict[str, Any]]:
-        return self.rows
 
 
 def exercised() -> metrics.Metrics:
@@ -60,11 +46,9 @@ def exercised() -> metrics.Metrics:
 @contextlib.asynccontextmanager
 async def scrape_app(registry: metrics.Metrics) -> AsyncIterator[str]:
     """The text of one GET /metrics from a real server around `registry`."""
-    app = web.create_app(StaticView(), registry, scrub=lambda text: text)
     async with (
-        web.serve(app, "127.0.0.1", 0) as (host, port),
-        aiohttp.ClientSession() as session,
-        session.get(f"http://{host}:{port}{web.METRICS}") as response,
+        served(StaticView(), registry) as (session, base_url),
+        session.get(base_url + web.METRICS) as response,
     ):
         assert response.status == 200
         yield await response.text()
