@@ -9,6 +9,7 @@ shows as text.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -329,7 +330,7 @@ class _Page:
             next_text, next_title = "-", "not scheduled"
         else:
             wait_s = (next_run - now).total_seconds()
-            next_text = "due" if wait_s <= 0 else f"in {duration_text(wait_s)}"
+            next_text = "due" if wait_s <= 0 else f"in {duration_text(math.ceil(wait_s))}"
             next_title = _utc(next_run)
         error = row.get("last_error")
         error_cell = (
