@@ -120,6 +120,21 @@ def needs_attention(row: Mapping[str, Any], now: datetime) -> bool:
     return row.get("last_status") == "failed" or since_success(row, now)[1]
 
 
+def runs_summary(runs: Sequence[history.RecentRun]) -> str:
+    """One line about a tenant's last runs (the tooltip of their chart)."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.status] = counts.get(run.status, 0) + 1
+    statuses = ", ".join(f"{count} {status}" for status, count in counts.items())
+    timed = [run.duration_s for run in runs if run.duration_s is not None]
+    span = f"; {svg.seconds_text(min(timed))} to {svg.seconds_text(max(timed))}" if timed else ""
+    first, last = runs[0].started_at, runs[-1].started_at
+    return (
+        f"Last {len(runs)} runs, {first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M} UTC: "
+        f"{statuses}{span}"
+    )
+
+
 # --- rendering ---------------------------------------------------------------------------
 
 
@@ -281,29 +296,23 @@ class _Page:
         runs = found.recent.get(tenant, ())
         if not runs:
             return ('<span class="muted">no runs yet</span>',) * 2
-        tips = [
-            f"run {run.run_id}, {_utc(run.started_at)}: {run.status}, "
-            + ("still running" if run.duration_s is None else svg.seconds_text(run.duration_s))
-            + f", +{run.pairs_added} \u2212{run.pairs_removed} pairs"
-            for run in runs
-        ]
-        # Tooltips carry the tenant's run data only; the tenant name is in the row.
         durations = svg.strip(
-            [
-                svg.Bar(run.duration_s, run.status if run.status in COLOURS else "none", tip)
-                for run, tip in zip(runs, tips, strict=True)
-            ],
+            tuple(
+                svg.Bar(run.duration_s, run.status if run.status in COLOURS else "none")
+                for run in runs
+            ),
             slots=history.RECENT_RUNS,
             chart_id="recent-duration",
-            title=f"Duration of the last {len(runs)} runs",
+            title=runs_summary(runs),
         )
+        added = sum(run.pairs_added for run in runs)
+        removed = sum(run.pairs_removed for run in runs)
         changes = svg.change_strip(
-            [run.pairs_added for run in runs],
-            [run.pairs_removed for run in runs],
-            tips,
+            tuple(run.pairs_added for run in runs),
+            tuple(run.pairs_removed for run in runs),
             slots=history.RECENT_RUNS,
             chart_id="recent-pairs",
-            title=f"Pairs added and removed by the last {len(runs)} runs",
+            title=f"Pairs changed by the last {len(runs)} runs: +{added} \u2212{removed}",
         )
         return durations, changes
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -112,8 +113,14 @@ async def seed_past_day(engine: AsyncEngine, names: Sequence[str]) -> None:
 
 
 # One synchronous look at the page: a meta refresh cannot reload it halfway through.
-READ_PAGE = """() => {
+READ_PAGE = r"""() => {
   const style = (el, prop) => el ? getComputedStyle(el)[prop] : null;
+  const text = el => el ? el.textContent : null;
+  // A strip draws its bars as one path per colour: (x, colour) of each box, left to right.
+  const bars = svg => !svg ? [] : [...svg.querySelectorAll('path')]
+    .flatMap(path => [...path.getAttribute('d').matchAll(/M([\d.]+) /g)]
+      .map(m => ({x: +m[1], fill: style(path, 'fill')})))
+    .sort((a, b) => a.x - b.x);
   const rows = [...document.querySelectorAll('tr.tenant')].map(tr => {
     const badge = tr.querySelector('.badge');
     const age = tr.querySelector('td.age');
@@ -127,8 +134,9 @@ READ_PAGE = """() => {
       ageColour: style(age, 'color'),
       error: error ? error.innerText : null,
       errorTitle: error ? error.title : null,
-      durationBars: [...tr.querySelectorAll('svg[data-chart="recent-duration"] rect')]
-        .map(rect => ({fill: style(rect, 'fill'), tip: rect.textContent})),
+      durationBars: bars(tr.querySelector('svg[data-chart="recent-duration"]')),
+      durationTitle: text(tr.querySelector('svg[data-chart="recent-duration"] title')),
+      pairsTitle: text(tr.querySelector('svg[data-chart="recent-pairs"] title')),
     };
   });
   const chart = id => [...document.querySelectorAll(`svg[data-chart="${id}"] rect`)]
@@ -199,6 +207,7 @@ async def test_status_page_in_a_browser(
                 response = await page.goto(daemon.base_url + "/", wait_until="load")
                 assert response is not None and response.status == 200
                 seen = await page.evaluate(READ_PAGE)
+                document = await page.content()
                 await page.screenshot(path=str(artifacts / "status-page.png"), full_page=True)
 
                 # It refreshes itself: a second load of / within a few refresh periods.
@@ -230,7 +239,10 @@ async def test_status_page_in_a_browser(
     assert healthy["ageColour"] == DARK_GREEN and healthy["error"] is None
     assert healthy["badgeColour"] in (GREEN, BLUE)  # succeeded, or running again
     assert len(healthy["durationBars"]) == 20  # the last 20 runs, seeded and live
-    assert any("+300" in bar["tip"] for bar in healthy["durationBars"])
+    assert healthy["durationTitle"].startswith("Last 20 runs, ")
+    # The first sync's 300 pairs and the churn's 15 are among the last 20 runs' changes.
+    added = re.search(r": \+(\d+) ", healthy["pairsTitle"])
+    assert added is not None and int(added[1]) >= 315, healthy["pairsTitle"]
 
     fills = {bar["fill"] for bar in seen["runsByStatus"]}
     assert {GREEN, RED} <= fills
@@ -238,6 +250,7 @@ async def test_status_page_in_a_browser(
     assert any("pairs removed" in bar["tip"] for bar in seen["pairsChanged"])
     assert any("longest" in bar["tip"] for bar in seen["duration"])
 
+    assert not any(api_key in document for _, _, api_key, _ in tenants)
     # Nothing but the daemon was asked for anything (the favicon request is the browser's).
     assert requests and all(url.startswith(daemon.base_url + "/") for url in requests)
     assert (artifacts / "status-page.png").stat().st_size > 10_000

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from syncd import history, page, svg
-from tests.webapp import Tree
+from tests.webapp import Tree, strip_bars
 
 NOW = datetime(2026, 11, 30, 14, 25, 7, tzinfo=UTC)
 HOSTILE = "<script>alert(1)</script> & co"
@@ -210,15 +210,18 @@ def test_charts_of_the_last_day_and_of_each_tenants_last_runs() -> None:
 
     acme = tree.root.find_all("tr", data_tenant="acme")[0]
     strip = acme.find_all("svg", data_chart="recent-duration")[0]
-    bars = strip.find_all("rect")
-    assert [sorted(bar.classes() - {"bar"}) for bar in bars] == [
-        ["fill-succeeded"],
-        ["fill-failed"],
-        ["fill-partial"],
-        ["fill-running"],
+    assert [css for _, _, css in strip_bars(strip)] == [
+        "fill-succeeded",
+        "fill-failed",
+        "fill-partial",
+        "fill-running",
     ]
-    assert "still running" in bars[-1].text()
-    assert acme.find_all("svg", data_chart="recent-pairs")
+    summary = strip.find_all("title")[0].text()
+    assert summary.startswith("Last 4 runs, ")
+    assert "1 succeeded, 1 failed, 1 partial, 1 running; 1 s to 3 s" in summary
+    changes = acme.find_all("svg", data_chart="recent-pairs")[0]
+    assert changes.find_all("title")[0].text() == "Pairs changed by the last 4 runs: +6 \u22121"
+    assert {css for _, _, css in strip_bars(changes)} == {"fill-added", "fill-removed"}
     globex = tree.root.find_all("tr", data_tenant="globex")[0]
     assert "no runs yet" in globex.text() and not globex.find_all("svg")
 
@@ -309,13 +312,20 @@ def test_an_empty_chart_says_so() -> None:
 
 
 def test_strip_puts_the_newest_run_at_the_right() -> None:
-    bars = [svg.Bar(1.0, "succeeded", "one"), svg.Bar(4.0, "failed", "two")]
-    chart = Tree(svg.strip(bars, slots=4, chart_id="s", title="t")).root
-    rects = chart.find_all("rect")
-    xs = [float(rect.attrs["x"]) for rect in rects]
-    assert xs == sorted(xs) and xs[-1] > svg.STRIP_WIDTH * 3 / 4
-    assert float(rects[1].attrs["height"]) == pytest.approx(svg.STRIP_HEIGHT)
-    assert float(rects[0].attrs["height"]) == pytest.approx(svg.STRIP_HEIGHT / 4)
+    bars = (svg.Bar(1.0, "succeeded"), svg.Bar(4.0, "failed"), svg.Bar(None, "running"))
+    chart = Tree(svg.strip(bars, slots=4, chart_id="s", title="t <&>")).root
+    (first, second, third) = strip_bars(chart)
+    assert first[0] > svg.STRIP_WIDTH / 4 and third[0] > svg.STRIP_WIDTH * 3 / 4
+    assert [css for _, _, css in (first, second, third)] == [
+        "fill-succeeded",
+        "fill-failed",
+        "fill-running",
+    ]
+    # Relative to the longest, in whole units; a run still going is drawn short.
+    assert second[1] == svg.STRIP_HEIGHT
+    assert first[1] == pytest.approx(svg.STRIP_HEIGHT / 4, abs=0.5)
+    assert 0 < third[1] < first[1]
+    assert chart.find_all("title")[0].text() == "t <&>"
 
 
 def test_value_formats() -> None:

@@ -21,7 +21,7 @@ from syncd import simulator as sim
 from syncd.sync import sync_tenant
 from tests.helpers import tenant_for
 from tests.test_page import HOSTILE
-from tests.webapp import StaticView, Tree, served
+from tests.webapp import StaticView, Tree, served, strip_bars
 
 
 def closed_port() -> int:
@@ -82,9 +82,11 @@ async def test_page_draws_the_database_history_of_the_configured_tenants(
     pairs = tree.root.find_all("svg", data_chart="pairs-changed")[0]
     assert any("pairs added" in rect.text() for rect in pairs.find_all("rect"))
     synced = tree.root.find_all("tr", data_tenant="tenant-1")[0]
-    strip = synced.find_all("svg", data_chart="recent-duration")[0].find_all("rect")
-    assert len(strip) == 2 and all("fill-succeeded" in rect.classes() for rect in strip)
-    assert "+300" in strip[0].text() and "+6 \u22126 pairs" in strip[1].text()
+    strip = synced.find_all("svg", data_chart="recent-duration")[0]
+    assert [css for _, _, css in strip_bars(strip)] == ["fill-succeeded"] * 2
+    assert ": 2 succeeded; " in strip.find_all("title")[0].text()
+    changes = synced.find_all("svg", data_chart="recent-pairs")[0].find_all("title")[0]
+    assert changes.text() == "Pairs changed by the last 2 runs: +306 \u22126"
     hostile = tree.root.find_all("tr", data_tenant=HOSTILE)[0]
     assert "no runs yet" in hostile.text()
     assert "<script>" not in text

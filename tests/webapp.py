@@ -4,6 +4,7 @@ its HTML parsed into a tree of elements to check what a browser would see."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Callable
 from html.parser import HTMLParser
 from typing import Any
@@ -106,3 +107,16 @@ class Tree(HTMLParser):
 
     def handle_data(self, data: str) -> None:
         self.current.texts.append(data)
+
+
+_BOX = re.compile(r"M(-?[\d.]+) (-?[\d.]+)h(-?[\d.]+)v(-?[\d.]+)h-[\d.]+z")
+
+
+def strip_bars(chart: Element) -> list[tuple[float, float, str]]:
+    """(x, height, colour class) of every bar of a strip chart (paths of boxes), by x."""
+    bars = []
+    for path in chart.find_all("path"):
+        (css,) = [name for name in path.classes() if name.startswith("fill-")]
+        for match in _BOX.finditer(path.attrs["d"]):
+            bars.append((float(match[1]), float(match[4]), css))
+    return sorted(bars)
