@@ -30,16 +30,17 @@ STATEMENT_TIMEOUT_MS = 2000
 HOUR_S = 3600
 
 # Hours are counted from the Unix epoch so bucketing does not depend on the session's time
-# zone; the page labels them in UTC.
+# zone; the page labels them in UTC. date_part (float8) rather than extract (numeric), and
+# the interval aggregates turned into seconds once per group: per row, that is the cost.
 _LAST_DAY = sa.text(
     """
-    SELECT floor(extract(epoch FROM started_at) / 3600)::bigint AS hour,
+    SELECT floor(date_part('epoch', started_at) / 3600)::bigint AS hour,
            status,
            count(*) AS runs,
            coalesce(sum(pairs_added), 0)::bigint AS pairs_added,
            coalesce(sum(pairs_removed), 0)::bigint AS pairs_removed,
-           avg(extract(epoch FROM finished_at - started_at))::float8 AS duration_avg_s,
-           max(extract(epoch FROM finished_at - started_at))::float8 AS duration_max_s
+           date_part('epoch', avg(finished_at - started_at)) AS duration_avg_s,
+           date_part('epoch', max(finished_at - started_at)) AS duration_max_s
       FROM syncd.sync_runs
      WHERE started_at >= :since AND tenant = ANY(:tenants)
      GROUP BY 1, 2
@@ -48,10 +49,11 @@ _LAST_DAY = sa.text(
 
 # The base tables, not the view: through the view's join the planner cannot see that the
 # index (tenant_id, id) already yields a tenant's runs in id order, and sorts all of them.
+# The final sort is of N x tenants rows only.
 _RECENT = sa.text(
     """
-    SELECT t.name, r.id, r.status, r.started_at,
-           extract(epoch FROM r.finished_at - r.started_at)::float8 AS duration_s,
+    SELECT t.name, r.status, r.started_at,
+           date_part('epoch', r.finished_at - r.started_at) AS duration_s,
            r.pairs_added, r.pairs_removed
       FROM syncd.tenants t
      CROSS JOIN LATERAL (
@@ -62,6 +64,7 @@ _RECENT = sa.text(
             LIMIT :limit
            ) r
      WHERE t.name = ANY(:tenants)
+     ORDER BY t.id, r.id
     """
 )
 
@@ -79,15 +82,18 @@ class HourStats:
 
 
 @dataclass(frozen=True)
-class RecentRun:
-    """One of a tenant's last runs; `duration_s` is None while it runs."""
+class RecentRuns:
+    """A tenant's last runs, oldest first, a tuple per column (as the charts draw them).
+    A run still going has a duration of None."""
 
-    run_id: int
-    status: str
-    started_at: datetime
-    duration_s: float | None
-    pairs_added: int
-    pairs_removed: int
+    statuses: tuple[str, ...]
+    started_at: tuple[datetime, ...]
+    durations_s: tuple[float | None, ...]
+    pairs_added: tuple[int, ...]
+    pairs_removed: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.statuses)
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ class History:
     each tenant's runs oldest first."""
 
     hours: tuple[HourStats, ...]
-    recent: Mapping[str, tuple[RecentRun, ...]]
+    recent: Mapping[str, RecentRuns]
 
 
 def window_start(now: datetime, hours: int = WINDOW_HOURS) -> datetime:
@@ -164,21 +170,17 @@ async def read_history(
             ).all()
     except (OSError, sa.exc.SQLAlchemyError) as exc:
         raise errors.DatabaseError(f"cannot read the run history: {exc}") from exc
-    recent: dict[str, list[RecentRun]] = {}
+    by_tenant: dict[str, list[Any]] = {}
     for row in recent_rows:
-        recent.setdefault(row[0], []).append(
-            RecentRun(
-                run_id=int(row[1]),
-                status=str(row[2]),
-                started_at=row[3],
-                duration_s=None if row[4] is None else float(row[4]),
-                pairs_added=int(row[5]),
-                pairs_removed=int(row[6]),
-            )
-        )
-    return History(
-        hours=fill_hours(hourly, now, hours),
-        recent={
-            name: tuple(sorted(runs, key=lambda run: run.run_id)) for name, runs in recent.items()
-        },
-    )
+        by_tenant.setdefault(row[0], []).append(row)
+    return History(hours=fill_hours(hourly, now, hours), recent=columns(by_tenant))
+
+
+def columns(rows_by_tenant: Mapping[str, Sequence[Sequence[Any]]]) -> dict[str, RecentRuns]:
+    """Each tenant's rows of (tenant, status, started at, duration, added, removed), oldest
+    first, as columns."""
+    recent = {}
+    for name, rows in rows_by_tenant.items():
+        _, statuses, started, durations, added, removed = zip(*rows, strict=True)
+        recent[name] = RecentRuns(statuses, started, durations, added, removed)
+    return recent

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from syncd import history, svg
@@ -120,15 +120,15 @@ def needs_attention(row: Mapping[str, Any], now: datetime) -> bool:
     return row.get("last_status") == "failed" or since_success(row, now)[1]
 
 
-def runs_summary(runs: Sequence[history.RecentRun]) -> str:
+def runs_summary(runs: history.RecentRuns) -> str:
     """One line about a tenant's last runs (the tooltip of their chart)."""
     counts: dict[str, int] = {}
-    for run in runs:
-        counts[run.status] = counts.get(run.status, 0) + 1
+    for status in runs.statuses:
+        counts[status] = counts.get(status, 0) + 1
     statuses = ", ".join(f"{count} {status}" for status, count in counts.items())
-    timed = [run.duration_s for run in runs if run.duration_s is not None]
+    timed = [duration for duration in runs.durations_s if duration is not None]
     span = f"; {svg.seconds_text(min(timed))} to {svg.seconds_text(max(timed))}" if timed else ""
-    first, last = runs[0].started_at, runs[-1].started_at
+    first, last = runs.started_at[0].astimezone(UTC), runs.started_at[-1].astimezone(UTC)
     return (
         f"Last {len(runs)} runs, {first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M} UTC: "
         f"{statuses}{span}"
@@ -293,23 +293,20 @@ class _Page:
         found = self.data.history
         if found is None:
             return ('<span class="muted">-</span>',) * 2
-        runs = found.recent.get(tenant, ())
+        runs = found.recent.get(tenant)
         if not runs:
             return ('<span class="muted">no runs yet</span>',) * 2
         durations = svg.strip(
-            tuple(
-                svg.Bar(run.duration_s, run.status if run.status in COLOURS else "none")
-                for run in runs
-            ),
+            runs.durations_s,
+            tuple(status if status in COLOURS else "none" for status in runs.statuses),
             slots=history.RECENT_RUNS,
             chart_id="recent-duration",
             title=runs_summary(runs),
         )
-        added = sum(run.pairs_added for run in runs)
-        removed = sum(run.pairs_removed for run in runs)
+        added, removed = sum(runs.pairs_added), sum(runs.pairs_removed)
         changes = svg.change_strip(
-            tuple(run.pairs_added for run in runs),
-            tuple(run.pairs_removed for run in runs),
+            runs.pairs_added,
+            runs.pairs_removed,
             slots=history.RECENT_RUNS,
             chart_id="recent-pairs",
             title=f"Pairs changed by the last {len(runs)} runs: +{added} \u2212{removed}",

@@ -40,14 +40,6 @@ class Series:
     values: Sequence[float | None]
 
 
-@dataclass(frozen=True)
-class Bar:
-    """One bar of a strip: its value (None: not known yet) and colour class."""
-
-    value: float | None
-    css: str
-
-
 Formatter = Callable[[float], str]
 
 
@@ -273,21 +265,29 @@ def _bars_path(css: str, boxes: Sequence[tuple[float, float, float, float]]) -> 
 
 
 @functools.lru_cache(maxsize=STRIP_CACHE_SIZE)
-def strip(bars: tuple[Bar, ...], *, slots: int, chart_id: str, title: str) -> str:
-    """A small bar chart of the last `slots` values, newest at the right; heights relative
-    to the largest. A bar without a value (a run still going) is drawn short. `title` (the
-    tooltip) summarizes them: single bars have none."""
-    shown = list(bars)[-slots:] if slots > 0 else []
-    largest = max((bar.value or 0.0 for bar in shown), default=0.0)
+def strip(
+    values: tuple[float | None, ...],
+    colours: tuple[str, ...],
+    *,
+    slots: int,
+    chart_id: str,
+    title: str,
+) -> str:
+    """A small bar chart of the last `slots` values (`colours[i]` the class of bar i), newest
+    at the right; heights relative to the largest. A bar without a value (a run still going)
+    is drawn short. `title` (the tooltip) summarizes them: single bars have none."""
+    count = min(len(values), len(colours), slots)
+    values, colours = values[len(values) - count :], colours[len(colours) - count :]
+    largest = max((value or 0.0 for value in values), default=0.0)
     slot = STRIP_WIDTH / max(slots, 1)
-    offset = slots - len(shown)
+    offset = slots - count
     by_colour: dict[str, list[tuple[float, float, float, float]]] = {}
-    for index, bar in enumerate(shown):
-        fraction = (bar.value or 0.0) / largest if largest > 0 else 0.0
-        height = MIN_BAR * 2 if bar.value is None else max(fraction * STRIP_HEIGHT, MIN_BAR)
+    for index, (value, css) in enumerate(zip(values, colours, strict=True)):
+        fraction = (value or 0.0) / largest if largest > 0 else 0.0
+        height = MIN_BAR * 2 if value is None else max(fraction * STRIP_HEIGHT, MIN_BAR)
         x = slot * (offset + index) + slot * BAR_GAP / 2
         box = (x, STRIP_HEIGHT - height, slot * (1 - BAR_GAP), height)
-        by_colour.setdefault(bar.css, []).append(box)
+        by_colour.setdefault(css, []).append(box)
     axis = (
         f'<line class="axis" x1="0" y1="{_n(STRIP_HEIGHT - 0.5)}" x2="{_n(STRIP_WIDTH)}" '
         f'y2="{_n(STRIP_HEIGHT - 0.5)}"/>'

@@ -38,7 +38,7 @@ def row(name: str, **fields: Any) -> dict[str, Any]:
     return base | fields
 
 
-def some_history(recent: Mapping[str, tuple[history.RecentRun, ...]]) -> history.History:
+def some_history(recent: Mapping[str, history.RecentRuns]) -> history.History:
     current = int(NOW.timestamp() // 3600)
     rows = [
         (current, "succeeded", 4, 12, 3, 2.0, 5.0),
@@ -48,17 +48,15 @@ def some_history(recent: Mapping[str, tuple[history.RecentRun, ...]]) -> history
     return history.History(hours=history.fill_hours(rows, NOW), recent=recent)
 
 
-def runs(*statuses: str) -> tuple[history.RecentRun, ...]:
-    return tuple(
-        history.RecentRun(
-            run_id=100 + index,
-            status=status,
-            started_at=NOW - timedelta(minutes=15 * (len(statuses) - index)),
-            duration_s=None if status == "running" else 1.0 + index,
-            pairs_added=index,
-            pairs_removed=1 if status == "partial" else 0,
-        )
-        for index, status in enumerate(statuses)
+def runs(*statuses: str) -> history.RecentRuns:
+    """Runs every 15 minutes up to NOW, lasting 1, 2, 3 ... s, adding 0, 1, 2 ... pairs."""
+    count = len(statuses)
+    return history.RecentRuns(
+        statuses=statuses,
+        started_at=tuple(NOW - timedelta(minutes=15 * (count - i)) for i in range(count)),
+        durations_s=tuple(None if s == "running" else 1.0 + i for i, s in enumerate(statuses)),
+        pairs_added=tuple(range(count)),
+        pairs_removed=tuple(1 if status == "partial" else 0 for status in statuses),
     )
 
 
@@ -312,8 +310,15 @@ def test_an_empty_chart_says_so() -> None:
 
 
 def test_strip_puts_the_newest_run_at_the_right() -> None:
-    bars = (svg.Bar(1.0, "succeeded"), svg.Bar(4.0, "failed"), svg.Bar(None, "running"))
-    chart = Tree(svg.strip(bars, slots=4, chart_id="s", title="t <&>")).root
+    chart = Tree(
+        svg.strip(
+            (1.0, 4.0, None),
+            ("succeeded", "failed", "running"),
+            slots=4,
+            chart_id="s",
+            title="t <&>",
+        )
+    ).root
     (first, second, third) = strip_bars(chart)
     assert first[0] > svg.STRIP_WIDTH / 4 and third[0] > svg.STRIP_WIDTH * 3 / 4
     assert [css for _, _, css in (first, second, third)] == [
