@@ -49,12 +49,17 @@ _LAST_DAY = sa.text(
 
 # The base tables, not the view: through the view's join the planner cannot see that the
 # index (tenant_id, id) already yields a tenant's runs in id order, and sorts all of them.
-# The final sort is of N x tenants rows only.
+# One row per tenant, its runs in arrays: a tenth of the rows to send and decode.
 _RECENT = sa.text(
     """
-    SELECT t.name, r.status, r.started_at,
-           date_part('epoch', r.finished_at - r.started_at) AS duration_s,
-           r.pairs_added, r.pairs_removed
+    SELECT t.name,
+           array_agg(r.status ORDER BY r.id) AS statuses,
+           min(r.started_at) AS first_started_at,
+           max(r.started_at) AS last_started_at,
+           array_agg(date_part('epoch', r.finished_at - r.started_at) ORDER BY r.id)
+               AS durations_s,
+           array_agg(r.pairs_added ORDER BY r.id) AS pairs_added,
+           array_agg(r.pairs_removed ORDER BY r.id) AS pairs_removed
       FROM syncd.tenants t
      CROSS JOIN LATERAL (
            SELECT id, status, started_at, finished_at, pairs_added, pairs_removed
@@ -64,7 +69,7 @@ _RECENT = sa.text(
             LIMIT :limit
            ) r
      WHERE t.name = ANY(:tenants)
-     ORDER BY t.id, r.id
+     GROUP BY t.id, t.name
     """
 )
 
@@ -83,14 +88,15 @@ class HourStats:
 
 @dataclass(frozen=True)
 class RecentRuns:
-    """A tenant's last runs, oldest first, a tuple per column (as the charts draw them).
-    A run still going has a duration of None."""
+    """A tenant's last runs, oldest first, a tuple per column (as the charts draw them), and
+    when the first and the last of them started. A run still going has a duration of None."""
 
     statuses: tuple[str, ...]
-    started_at: tuple[datetime, ...]
     durations_s: tuple[float | None, ...]
     pairs_added: tuple[int, ...]
     pairs_removed: tuple[int, ...]
+    first_started_at: datetime
+    last_started_at: datetime
 
     def __len__(self) -> int:
         return len(self.statuses)
@@ -170,17 +176,15 @@ async def read_history(
             ).all()
     except (OSError, sa.exc.SQLAlchemyError) as exc:
         raise errors.DatabaseError(f"cannot read the run history: {exc}") from exc
-    by_tenant: dict[str, list[Any]] = {}
-    for row in recent_rows:
-        by_tenant.setdefault(row[0], []).append(row)
-    return History(hours=fill_hours(hourly, now, hours), recent=columns(by_tenant))
-
-
-def columns(rows_by_tenant: Mapping[str, Sequence[Sequence[Any]]]) -> dict[str, RecentRuns]:
-    """Each tenant's rows of (tenant, status, started at, duration, added, removed), oldest
-    first, as columns."""
-    recent = {}
-    for name, rows in rows_by_tenant.items():
-        _, statuses, started, durations, added, removed = zip(*rows, strict=True)
-        recent[name] = RecentRuns(statuses, started, durations, added, removed)
-    return recent
+    recent = {
+        row[0]: RecentRuns(
+            statuses=tuple(row[1]),
+            durations_s=tuple(row[4]),
+            pairs_added=tuple(row[5]),
+            pairs_removed=tuple(row[6]),
+            first_started_at=row[2],
+            last_started_at=row[3],
+        )
+        for row in recent_rows
+    }
+    return History(hours=fill_hours(hourly, now, hours), recent=recent)

@@ -3,7 +3,7 @@
 `render` is pure: data in, a string out. The document has no scripts and loads nothing (the
 endpoint's Content-Security-Policy forbids it; it works on an air-gapped host); a meta
 refresh reloads it. Every string from the config, VSPC, the database or the daemon passes
-through `_text`: scrubbed of known secrets, then HTML-escaped, so a tenant named `<script>`
+through `_Page.text`: scrubbed of known secrets, then HTML-escaped, so a tenant named `<script>`
 shows as text.
 """
 
@@ -128,7 +128,7 @@ def runs_summary(runs: history.RecentRuns) -> str:
     statuses = ", ".join(f"{count} {status}" for status, count in counts.items())
     timed = [duration for duration in runs.durations_s if duration is not None]
     span = f"; {svg.seconds_text(min(timed))} to {svg.seconds_text(max(timed))}" if timed else ""
-    first, last = runs.started_at[0].astimezone(UTC), runs.started_at[-1].astimezone(UTC)
+    first, last = runs.first_started_at.astimezone(UTC), runs.last_started_at.astimezone(UTC)
     return (
         f"Last {len(runs)} runs, {first:%Y-%m-%d %H:%M} to {last:%Y-%m-%d %H:%M} UTC: "
         f"{statuses}{span}"

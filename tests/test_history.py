@@ -113,7 +113,8 @@ async def test_read_history_of_the_configured_tenants(engine: AsyncEngine) -> No
     assert len(acme) == 10
     # Oldest first: the 10 newest are the runs that added 16..24 pairs, then the running one.
     assert acme.pairs_added == (16, 17, 18, 19, 20, 21, 22, 23, 24, 0)
-    assert list(acme.started_at) == sorted(acme.started_at)
+    assert acme.first_started_at == NOW - timedelta(minutes=34)  # the run that added 16
+    assert acme.last_started_at == NOW - timedelta(minutes=1)
     assert acme.statuses[-1] == "running" and acme.durations_s[-1] is None
     assert acme.durations_s[0] == pytest.approx(2.0)
     globex = found.recent["<globex> & co"]

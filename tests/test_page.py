@@ -53,10 +53,11 @@ def runs(*statuses: str) -> history.RecentRuns:
     count = len(statuses)
     return history.RecentRuns(
         statuses=statuses,
-        started_at=tuple(NOW - timedelta(minutes=15 * (count - i)) for i in range(count)),
         durations_s=tuple(None if s == "running" else 1.0 + i for i, s in enumerate(statuses)),
         pairs_added=tuple(range(count)),
         pairs_removed=tuple(1 if status == "partial" else 0 for status in statuses),
+        first_started_at=NOW - timedelta(minutes=15 * count),
+        last_started_at=NOW - timedelta(minutes=15),
     )
 
 
