@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import config, db, errors, logs, metrics, scheduler, store, sync, web
+from syncd import config, db, errors, history, logs, metrics, scheduler, store, sync, web
 
 log = structlog.get_logger(__name__)
 
@@ -156,7 +157,12 @@ class Daemon:
         test can run it in-process. `on_listening` receives the address actually bound.
         """
         async with contextlib.AsyncExitStack() as stack:
-            app = web.create_app(self, self._metrics, scrub=self._scrubber.scrub)
+            app = web.create_app(
+                self,
+                self._metrics,
+                scrub=self._scrubber.scrub,
+                read_history=functools.partial(history.read_history, engine),
+            )
             bound_host, bound_port = await stack.enter_async_context(web.serve(app, host, port))
             log.info(
                 "http endpoint listening",

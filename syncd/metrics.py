@@ -7,11 +7,12 @@ request and retry counts land here without the client knowing about Prometheus.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 from syncd.sync import SyncResult
 
@@ -21,8 +22,27 @@ CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 DURATION_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
+class _WithoutCreated:
+    """A collector yielding `registry`'s metrics minus their `*_created` samples.
+
+    prometheus_client adds a `_created` series (the child's creation time) to every counter
+    and histogram child: it doubles the series count and no dashboard or alert reads it. Its
+    own switch, `disable_created_metrics()`, is process-wide; filtering here keeps the choice
+    to this registry.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            created = family.name + "_created"
+            family.samples = [sample for sample in family.samples if sample.name != created]
+            yield family
+
+
 class Metrics:
-    """Every metric `syncd run` exposes on `/metrics`."""
+    """Every metric `syncd run` exposes on `/metrics`. Help texts say the unit."""
 
     def __init__(self, scrub: Callable[[str], str] = str) -> None:
         # Tenant names become label values: scrubbed of known secrets like every other sink.
@@ -31,73 +51,81 @@ class Metrics:
         registry = self.registry
         self.sync_runs = Counter(
             "syncd_sync_runs",
-            "Runs of a tenant's sync, by how they ended.",
+            "Runs of a tenant's sync (runs), by how they ended.",
             ["tenant", "status"],
             registry=registry,
         )
         self.sync_duration = Histogram(
             "syncd_sync_duration_seconds",
-            "Wall-clock time of a tenant's run.",
+            "Wall-clock time of a tenant's run, in seconds.",
             ["tenant"],
             buckets=DURATION_BUCKETS_S,
             registry=registry,
         )
         self.pairs_current = Gauge(
             "syncd_pairs_current",
-            "Pairs currently stored for the tenant, after its last applied run.",
+            "Pairs currently stored for the tenant (pairs), after its last applied run.",
             ["tenant"],
             registry=registry,
         )
         self.pairs_changed = Counter(
             "syncd_pairs_changed",
-            "Pairs added or removed by the tenant's runs.",
+            "Pairs added or removed by the tenant's runs (pairs).",
             ["tenant", "change"],
             registry=registry,
         )
         self.last_success = Gauge(
             "syncd_last_success_timestamp_seconds",
-            "Unix time at which the tenant's last succeeded run finished.",
+            "Unix time, in seconds, at which the tenant's last succeeded run finished.",
             ["tenant"],
             registry=registry,
         )
         self.consecutive_failures = Gauge(
             "syncd_consecutive_failures",
-            "Failed runs of the tenant since its last run that did not fail.",
+            "Failed runs of the tenant (runs) since its last run that did not fail.",
             ["tenant"],
             registry=registry,
         )
         self.http_requests = Counter(
             "syncd_http_requests",
-            "Requests sent to VSPC, by HTTP status or transport failure.",
+            "Requests sent to VSPC (requests), by HTTP status or transport failure.",
             ["tenant", "code"],
             registry=registry,
         )
         self.http_retries = Counter(
             "syncd_http_retries",
-            "Requests to VSPC that will be sent again, by reason.",
+            "Requests to VSPC that will be sent again (requests), by reason.",
             ["tenant", "reason"],
             registry=registry,
         )
         self.runs_in_progress = Gauge(
             "syncd_runs_in_progress",
-            "Tenant runs in progress right now.",
+            "Tenant runs in progress right now (runs).",
             registry=registry,
         )
         self.ready = Gauge(
             "syncd_ready",
-            "1 when the daemon is ready (database reachable, schema at head, scheduler up).",
+            "1 when the daemon is ready (database reachable, schema at head, scheduler up), "
+            "else 0 (boolean).",
             registry=registry,
         )
         self.database_checks = Counter(
             "syncd_database_checks",
-            "Checks of the database and its schema (readiness), by result.",
+            "Checks of the database and its schema for readiness (checks), by result.",
             ["result"],
             registry=registry,
         )
         self.config_reloads = Counter(
             "syncd_config_reloads",
-            "Configuration reloads (SIGHUP), by result.",
+            "Configuration reloads on SIGHUP (reloads), by result.",
             ["result"],
+            registry=registry,
+        )
+        self.schedule_period = Gauge(
+            "syncd_schedule_period_seconds",
+            "Time between the tenant's scheduled runs, in seconds (cron schedules: between "
+            "the next two fire times); stale: last success older than 3 periods.",
+            ["tenant"],
             registry=registry,
         )
 
@@ -128,6 +156,10 @@ class Metrics:
         if result.status == "succeeded":
             self.last_success.labels(tenant=self._label(tenant)).set(time.time())
 
+    def tenant_scheduled(self, tenant: str, period_s: float) -> None:
+        """Records the period of a tenant's (re)scheduled runs."""
+        self.schedule_period.labels(tenant=tenant).set(period_s)
+
     def seed_tenant(self, tenant: str, pairs: int, last_success_at: datetime | None) -> None:
         """Sets the gauges of a tenant from what the database held at start."""
         self.pairs_current.labels(tenant=self._label(tenant)).set(pairs)
@@ -145,9 +177,10 @@ class Metrics:
             self.consecutive_failures,
             self.http_requests,
             self.http_retries,
+            self.schedule_period,
         ):
             metric.remove_by_labels({"tenant": self._label(tenant)})
 
     def render(self) -> bytes:
-        """The registry in Prometheus' text exposition format."""
-        return prometheus_client.generate_latest(self.registry)
+        """The registry in Prometheus' text exposition format, without `*_created` series."""
+        return prometheus_client.generate_latest(_WithoutCreated(self.registry))

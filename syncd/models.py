@@ -108,6 +108,8 @@ class RunRow(Base):
             "started_at",
             postgresql_where=text("status = 'succeeded'"),
         ),
+        # The status page's last-24-hours aggregate.
+        Index(None, "started_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

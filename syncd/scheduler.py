@@ -262,6 +262,7 @@ class TenantScheduler:
     def _add(self, tenant: config.Tenant, *, first_run: datetime) -> None:
         trigger, period_s = make_trigger(tenant.settings, datetime.now(UTC))
         self._states[tenant.name] = TenantState(tenant=tenant, period_s=period_s)
+        self._metrics.tenant_scheduled(tenant.name, period_s)
         self._scheduler.add_job(
             self._fire,
             trigger,
@@ -452,6 +453,7 @@ class TenantScheduler:
                     pairs=state.pairs,
                     age_s=None if success is None else (now - success).total_seconds(),
                     schedule=schedule_text(state.tenant.settings),
+                    period_s=state.period_s,
                     running_since=state.running_since,
                     queued_since=state.queued_since,
                     waiting_for=state.waiting_for,

@@ -34,6 +34,7 @@ class TenantStatus:
     age_s: float | None = None  # since the last success, when this was read
     # What only a running daemon knows; defaults elsewhere.
     schedule: str | None = None
+    period_s: float | None = None  # the schedule's period: "stale" is measured in it
     running_since: datetime | None = None
     queued_since: datetime | None = None
     waiting_for: str | None = None
@@ -64,6 +65,7 @@ class TenantStatus:
             "pairs": self.pairs,
             "ok": self.ok,
             "schedule": self.schedule,
+            "period_s": self.period_s,
             "running": self.running_since is not None,
             "running_since": iso(self.running_since),
             "queued": self.queued_since is not None,

@@ -1,25 +1,48 @@
-"""The daemon's HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and `/status`.
+"""The daemon's HTTP endpoint: the status page `/`, `/healthz`, `/readyz`, `/metrics`, `/status`.
 
 Views of the daemon's state: a request changes nothing (`syncd_ready` is computed when it
-is scraped). Every JSON body passes through the secret scrubber on its way out, as a last
-line of defence like the logs'.
+is scraped). Every JSON body and every string on the page passes through the secret
+scrubber on its way out, as a last line of defence like the logs'.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
+import structlog
 from aiohttp import web
 
-from syncd import errors, metrics
+from syncd import errors, history, metrics, page
 
+log = structlog.get_logger(__name__)
+
+PAGE = "/"
 HEALTHZ = "/healthz"
 READYZ = "/readyz"
 METRICS = "/metrics"
 STATUS = "/status"
+
+# The page reads the run history for its charts; past this, it shows its rows without them.
+PAGE_HISTORY_TIMEOUT_S = 3.0
+
+# The page is self-contained: no scripts, nothing loaded from anywhere (air-gapped hosts).
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+# Reads the charts' data for the given tenant names.
+HistoryReader = Callable[[Sequence[str]], Awaitable[history.History]]
 
 
 class DaemonView(Protocol):
@@ -38,9 +61,17 @@ def _json(body: object, *, status: int, scrub: Callable[[str], str]) -> web.Resp
 
 
 def create_app(
-    view: DaemonView, registry: metrics.Metrics, *, scrub: Callable[[str], str]
+    view: DaemonView,
+    registry: metrics.Metrics,
+    *,
+    scrub: Callable[[str], str],
+    read_history: HistoryReader | None = None,
 ) -> web.Application:
-    """The endpoint's application, reading `view` and `registry` on every request."""
+    """The endpoint's application, reading `view` and `registry` on every request.
+
+    `read_history` gives the status page its charts; without it (or while the database is
+    not usable) the page shows readiness and the tenants' rows only.
+    """
 
     async def healthz(request: web.Request) -> web.Response:
         return _json({"alive": True}, status=200, scrub=scrub)
@@ -71,7 +102,45 @@ def create_app(
         return _json(body, status=200, scrub=scrub)
 
     registry.ready.set_function(lambda: 0.0 if readiness()[1]["reason"] else 1.0)
+
+    async def charts(
+        checks: dict[str, str | None], rows: list[dict[str, Any]]
+    ) -> tuple[history.History | None, str | None]:
+        """(the run history, None) or (None, why the page goes without charts)."""
+        if read_history is None:
+            return None, "this endpoint has no database"
+        database = checks.get("database") or checks.get("schema")
+        if database is not None:
+            return None, database
+        try:
+            async with asyncio.timeout(PAGE_HISTORY_TIMEOUT_S):
+                return await read_history([str(row["tenant"]) for row in rows]), None
+        except errors.DatabaseError as exc:
+            log.warning("status page without charts", error=scrub(str(exc)))
+            return None, str(exc)
+        except TimeoutError:
+            return None, f"the run history took longer than {PAGE_HISTORY_TIMEOUT_S:g}s"
+
+    async def status_page(request: web.Request) -> web.Response:
+        checks = view.checks()
+        rows = view.tenants()
+        found, problem = await charts(checks, rows)
+        data = page.PageData(
+            checks=checks,
+            tenants=rows,
+            now=datetime.now(UTC),
+            history=found,
+            history_problem=problem,
+        )
+        response = web.Response(
+            text=page.render(data, scrub=scrub), content_type="text/html", charset="utf-8"
+        )
+        response.headers.update(PAGE_HEADERS)
+        response.enable_compression()
+        return response
+
     app = web.Application()
+    app.router.add_get(PAGE, status_page)
     app.router.add_get(HEALTHZ, healthz)
     app.router.add_get(READYZ, readyz)
     app.router.add_get(METRICS, metrics_text)

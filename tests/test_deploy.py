@@ -95,7 +95,17 @@ def config_mount(service: Mapping[str, Any], environ: Mapping[str, str]) -> tupl
 
 def test_compose_services_and_their_order(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"postgres", "migrate", "syncd", "simulator"}
+    assert set(services) == {
+        "postgres",
+        "migrate",
+        "syncd",
+        "simulator",
+        # profile "monitoring", checked in test_monitoring.py
+        "reader-role",
+        "grant-reader",
+        "prometheus",
+        "grafana",
+    }
 
     postgres = services["postgres"]
     assert re.fullmatch(r"postgres:1[78](\.\d+)*", postgres["image"])
