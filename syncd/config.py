@@ -30,12 +30,12 @@ from pydantic import (
 )
 from yarl import URL
 
-from syncd import collections, errors
+from syncd import collections, environment, errors
 from syncd.paging import MAX_PAGE_SIZE
 
-DEFAULT_CONFIG_NAME = "syncd.toml"
-CONFIG_ENV = "SYNCD_CONFIG"
-DATABASE_URL_ENV = "SYNCD_DATABASE_URL"
+CONFIG_ENV = environment.CONFIG_ENV
+DATABASE_URL_ENV = environment.DATABASE_URL_ENV
+DEFAULT_CONFIG_NAME = environment.DEFAULT_CONFIG_NAME
 
 _DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*)+$")
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
@@ -421,7 +421,12 @@ class Config:
         raise KeyError(name)
 
     def select_tenants(self, names: Sequence[str]) -> list[Tenant]:
-        """The tenants `names` (all when empty), once each; `errors.UsageError` for unknowns."""
+        """The tenants `names` (all when empty), once each.
+
+        `errors.UsageError` for unknown names, or when no tenant is configured at all.
+        """
+        if not self.tenants:
+            raise errors.UsageError("no tenants configured: add [[tenants]] to the config file")
         if not names:
             return list(self.tenants)
         known = {tenant.name for tenant in self.tenants}

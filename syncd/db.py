@@ -73,6 +73,14 @@ def alembic_config(connection: Connection | None = None) -> AlembicConfig:
     return alembic_cfg
 
 
+def statement_timeout_setting(timeout_s: float) -> str:
+    """PostgreSQL's `statement_timeout` (whole milliseconds) for `timeout_s`.
+
+    At least 1 ms: PostgreSQL reads 0 as "no timeout at all".
+    """
+    return str(max(1, round(timeout_s * 1000)))
+
+
 @contextlib.asynccontextmanager
 async def open_engine(
     url: str,
@@ -93,8 +101,7 @@ async def open_engine(
             "timeout": connect_timeout_s,
             "server_settings": {
                 "application_name": application_name,
-                # At least 1 ms: PostgreSQL reads 0 as "no timeout at all".
-                "statement_timeout": str(max(1, round(statement_timeout_s * 1000))),
+                "statement_timeout": statement_timeout_setting(statement_timeout_s),
             },
         },
     )

@@ -53,8 +53,6 @@ async def cmd_sync(
 ) -> int:
     """`syncd sync`: every (or each named) tenant once; 0 when all succeeded, else 1."""
     tenants = cfg.select_tenants(args.tenant)
-    if not tenants:
-        raise errors.UsageError("no tenants configured: add [[tenants]] to the config file")
     if args.allow_mass_delete and not args.tenant:
         raise errors.UsageError(
             "--allow-mass-delete needs --tenant NAME: allow it one tenant at a time"
@@ -300,8 +298,6 @@ async def cmd_check(
 ) -> int:
     """`syncd check`: 0 when every (selected) tenant authenticated and served a page, else 1."""
     tenants = cfg.select_tenants(args.tenant)
-    if not tenants:
-        raise errors.UsageError("no tenants configured: add [[tenants]] to the config file")
     out = console.make_console()
     where = f"{cfg.path}" if cfg.path is not None else "the configuration"
     out.print(f"{escape(where)}: valid, {len(cfg.tenants)} tenant(s)", highlight=False)

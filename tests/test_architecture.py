@@ -1,7 +1,8 @@
 """syncd's modules import downward: no import circle, and nothing imports the CLI.
 
 Read from the source with `ast` (every import, at module level or inside a function), so a
-circle cannot hide behind a function-level import.
+circle cannot hide behind a function-level import. Imports under `if TYPE_CHECKING:` are
+left out: they name types for mypy and never run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ def _imports() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for block in ast.walk(tree):
+            if isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING"):
+                block.body = []
+        for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 base = node.module
                 for alias in node.names:

@@ -185,12 +185,19 @@ async def test_statement_timeout_while_apply_waits_for_a_lock(
         await _heal(sim_state, simulator, timed, engine)
 
 
-async def test_a_sub_millisecond_statement_timeout_still_limits_statements(db_url: str) -> None:
+def test_a_sub_millisecond_statement_timeout_still_limits_statements() -> None:
     # "0.4ms" is a valid duration; PostgreSQL takes whole milliseconds and 0 means "none".
-    async with db.open_engine(db_url, statement_timeout_s=0.0004) as engine:
-        assert await scalar(engine, "SHOW statement_timeout") == "1ms"
+    assert db.statement_timeout_setting(0.0004) == "1"
+    assert db.statement_timeout_setting(0.0) == "1"
+    assert db.statement_timeout_setting(600.0) == "600000"
+
+
+async def test_the_statement_timeout_reaches_every_connection(db_url: str) -> None:
+    # 50 ms, not 1: a loaded machine can take a millisecond for the driver's own first query.
+    async with db.open_engine(db_url, statement_timeout_s=0.05) as engine:
+        assert await scalar(engine, "SHOW statement_timeout") == "50ms"
         with pytest.raises(sa.exc.DBAPIError, match="statement timeout"):
-            await scalar(engine, "SELECT pg_sleep(0.05)")
+            await scalar(engine, "SELECT pg_sleep(2)")
 
 
 @pytest.mark.parametrize(

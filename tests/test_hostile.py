@@ -141,7 +141,7 @@ async def test_echoed_oauth_tokens_and_passwords_are_scrubbed(
     assert echoed_token.error is not None and "[redacted]" in echoed_token.error
     assert "sim-at-" not in echoed_token.error
     # The token reached the process scrubber too (logs, /status), the moment it arrived.
-    assert "sim-at-" not in scrubber.scrub(" ".join(sim_state._access_tokens))
+    assert "sim-at-" not in scrubber.scrub(" ".join(sim_state.issued_tokens))
     # The token endpoint quotes the password it was sent.
     sim_state.inject(sim.Fault("echo_secret", offset=None))
     echoed_password = await sync_tenant(tenant, sync_engine)

@@ -19,7 +19,6 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import orjson
 import psutil
 import pytest
 import sqlalchemy as sa
@@ -47,22 +46,6 @@ pytestmark = pytest.mark.slow  # real `syncd` processes
 DB_PASSWORD = "Db-Pa55-7f3c91e2"
 WRONG_PASSWORD = "Wrong-Pa55-0b8d2a44"
 WRONG_API_KEY = "wrong-key-5e1f7c0a9d3b"
-
-
-class _TokenRecorder:
-    """Wraps the simulator's token issuer to remember every token it hands out."""
-
-    def __init__(self, state: sim.SimulatorState) -> None:
-        self.tokens: list[str] = []
-        issue = state._issue_tokens
-
-        def recording(tenant: str, grant: str) -> bytes:
-            body = issue(tenant, grant)
-            document = orjson.loads(body)
-            self.tokens += [document["access_token"], document["refresh_token"]]
-            return body
-
-        state._issue_tokens = recording  # type: ignore[method-assign]
 
 
 def _with_password(url: str, password: str) -> str:
@@ -102,7 +85,6 @@ async def test_no_secret_in_logs_output_errors_or_database(
     engine: AsyncEngine,
     tmp_path: Path,
 ) -> None:
-    recorder = _TokenRecorder(sim_state)
     # Tokens die mid-snapshot and one is refused outright: grants, refreshes and renewals
     # all happen, so every token-handling path logs what it logs.
     sim_state.token_lifetime_s = 0.3
@@ -134,7 +116,7 @@ async def test_no_secret_in_logs_output_errors_or_database(
     assert sim_state.token_grants["password"] >= 2
     assert sim_state.token_grants["refresh_token"] >= 1
     assert sim_state.requests_by_status[401] >= 1
-    assert len(recorder.tokens) >= 8
+    assert len(sim_state.issued_tokens) >= 8
 
     sim_state.clear_faults()
     for command in (["check"], ["status"], ["status", "--json"]):
@@ -152,7 +134,7 @@ async def test_no_secret_in_logs_output_errors_or_database(
         "wrong password": WRONG_PASSWORD,
         "wrong API key": WRONG_API_KEY,
         "database password": DB_PASSWORD,
-        **{f"issued token {i}": token for i, token in enumerate(recorder.tokens)},
+        **{f"issued token {i}": token for i, token in enumerate(sim_state.issued_tokens)},
     }
     dump = await _database_dump(db_url, engine)
     assert "tenant-1" in dump and "credentials refused" in dump  # it is the real data

@@ -16,6 +16,7 @@ import pytest
 import trustme
 
 from syncd import simulator as sim
+from syncd.simulator import faults
 
 JOB_OBJECTS = sim.JOB_OBJECTS_PATH
 FULL_SORT = orjson.dumps(
@@ -150,6 +151,13 @@ def test_fault_rejects_typos() -> None:
     state = sim.SimulatorState(sim.make_dataset(tenants=1, pairs_per_tenant=1))
     with pytest.raises(ValueError, match="unknown tenant"):
         state.inject(sim.Fault("520", tenant="nobody"))
+
+
+def test_every_fault_kind_but_latency_has_its_handler() -> None:
+    # Latency never answers a request: it delays whatever does.
+    assert set(faults.HANDLERS) == set(sim.FaultKind) - {sim.FaultKind.LATENCY}
+    assert sim.Fault("429").kind is sim.FaultKind.THROTTLED
+    assert sim.Fault(sim.FaultKind.DRIFT).kind == "drift"
 
 
 # --- auth and headers ------------------------------------------------------------------------
