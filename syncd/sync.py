@@ -465,6 +465,11 @@ def _run_error(results: Mapping[str, CollectionResult]) -> str | None:
         if result.error and result.status in (CollectionStatus.FAILED, CollectionStatus.PARTIAL):
             by_message.setdefault(result.error, []).append(name)
     if not by_message:
+        if results and all(r.status == CollectionStatus.UNAVAILABLE for r in results.values()):
+            return (
+                "no collection is available: the server answered 404 for every one "
+                f"({', '.join(results)}); is url the VSPC server's root?"
+            )
         return None
     return "; ".join(f"{', '.join(names)}: {message}" for message, names in by_message.items())
 
