@@ -36,7 +36,7 @@ import psutil  # type: ignore[import-untyped]
 from syncd import config, db, logs, models, paging, simulator, sync, vspc
 
 COPY_TABLE = "bench_copy"
-SYNCD_TABLES = ("links", "runs", "tenants")
+SYNCD_TABLES = ("links", "catalog_items", "runs", "tenants")
 OTHERS_GONE_TIMEOUT_S = 30.0
 
 

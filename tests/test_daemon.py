@@ -365,12 +365,19 @@ async def test_sigterm_lets_runs_finish_within_grace_then_interrupts_the_rest(
     sim_state: sim.SimulatorState,
     simulator: str,
 ) -> None:
-    sim_state.inject(
-        sim.Fault(kind="latency", tenant="tenant-1", offset=0, delay_s=60.0, times=None)
-    )
-    sim_state.inject(
-        sim.Fault(kind="latency", tenant="tenant-2", offset=0, delay_s=1.5, times=None)
-    )
+    # Slow first pages of the links (the other collections' pages are quick): tenant-2's run
+    # ends within the grace, tenant-1's does not.
+    for tenant, delay_s in (("tenant-1", 60.0), ("tenant-2", 1.5)):
+        sim_state.inject(
+            sim.Fault(
+                "latency",
+                tenant=tenant,
+                offset=0,
+                delay_s=delay_s,
+                times=None,
+                collection="backup_copy_job_objects",
+            )
+        )
     config_path = tmp_path / "syncd.toml"
     grace_s = 3.0
     write_config(

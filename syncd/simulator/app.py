@@ -259,10 +259,16 @@ async def serve(
 
     The API keys printed are the simulator's own, made up from `seed`.
     """
-    dataset = make_dataset(tenants=tenants, pairs_per_tenant=pairs, seed=seed)
+    # Immediate backup copy links too, a tenth as many: every collection has data.
+    dataset = make_dataset(
+        tenants=tenants, pairs_per_tenant=pairs, seed=seed, immediate_pairs_per_tenant=pairs // 10
+    )
     state = SimulatorState(dataset, seed=seed, token_lifetime_s=token_lifetime_s)
     async with run_simulator(state, host, port) as url:
-        print_fn(f"VSPC simulator serving {tenants} tenant(s) x {pairs} pairs at {url}")
+        print_fn(
+            f"VSPC simulator serving {tenants} tenant(s) x {pairs} periodic and {pairs // 10} "
+            f"immediate pairs, with their catalog, at {url}"
+        )
         for tenant in dataset:
             print_fn(f"  {tenant.name}: api_key = {tenant.api_key}")
         print_fn("\nsyncd configuration:\n")

@@ -225,6 +225,9 @@ class _Catalog:
         label = {
             "BackupCopy": "Offsite copy",
             "SimpleBackupCopy": "Immediate copy",
+            "BackupVm": "VM backup",
+            "AgentBackupJob": "Agent backup",
+            "AgentPolicy": "Agent policy",
         }.get(job_type, job_type)
         job: Item = {
             "instanceUid": uid,
