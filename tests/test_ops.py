@@ -288,9 +288,12 @@ async def test_status_table_and_json(
         True, "succeeded", 300, True
     )  # fmt: skip
     assert one["last_success_at"] is not None and 0 <= one["age_s"] < 60
+    assert one["collections"]["jobs"]["status"] == "succeeded"
+    assert one["collections"]["jobs"]["seen"] == len(sim_state.tenants["tenant-1"].jobs)
     three = by_name["tenant-3"]
     assert (three["last_status"], three["last_success_at"], three["ok"]) == ("failed", None, False)
     assert three["age_s"] is None and three["pairs"] == 0
+    assert {outcome["status"] for outcome in three["collections"].values()} == {"failed"}
     new = by_name["newcomer"]
     assert (new["configured"], new["last_run_at"], new["pairs"], new["ok"]) == (
         True, None, None, False
