@@ -254,6 +254,7 @@ class Benchmark:
             page_size=self.args.page_size,
             max_concurrent_pages=self.args.max_concurrent_pages,
             max_concurrent_tenants=self.args.max_concurrent_tenants,
+            collections=self.args.collections,
         )
 
     async def measure(self, label: str, phase: str) -> dict[str, Any]:
@@ -514,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--collections",
+        type=lambda text: text.split(","),
+        default=None,
+        help="[sync] collections, comma-separated (default: all; the links alone: "
+        "backup_copy_job_objects)",
+    )
+    parser.add_argument(
         "--jobs-per-tenant",
         type=int,
         default=0,
@@ -564,6 +572,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "page_size": args.page_size,
             "max_concurrent_pages": args.max_concurrent_pages,
             "max_concurrent_tenants": args.max_concurrent_tenants,
+            "collections": args.collections,
             "cpus": os.cpu_count(),
             "postgres": postgres,
             "simulator_warm_s": simulator.warm_s,
