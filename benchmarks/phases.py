@@ -36,7 +36,7 @@ import psutil  # type: ignore[import-untyped]
 from syncd import config, db, logs, models, paging, simulator, sync, vspc
 
 COPY_TABLE = "bench_copy"
-SYNCD_TABLES = ("links", "runs", "tenants")
+SYNCD_TABLES = ("links", "catalog_items", "runs", "tenants")
 OTHERS_GONE_TIMEOUT_S = 30.0
 
 
@@ -52,15 +52,19 @@ class PhaseSpec:
     page_size: int
     max_concurrent_pages: int
     max_concurrent_tenants: int
+    collections: list[str] | None = None  # [sync] collections; None: the default (all)
 
     def syncd_config(self) -> config.Config:
         """The configuration `syncd sync` would load for this benchmark."""
+        sync: dict[str, Any] = {
+            "page_size": self.page_size,
+            "max_concurrent_pages": self.max_concurrent_pages,
+        }
+        if self.collections is not None:
+            sync["collections"] = self.collections
         data = {
             "database": {"url": self.database_url},
-            "sync": {
-                "page_size": self.page_size,
-                "max_concurrent_pages": self.max_concurrent_pages,
-            },
+            "sync": sync,
             "daemon": {"max_concurrent_tenants": self.max_concurrent_tenants},
             "tenants": [
                 {"name": name, "url": self.simulator_url, "api_key": key}

@@ -1,6 +1,9 @@
 """The simulated VSPC of a benchmark, in a process of its own (`python -m benchmarks.simserver`).
 
-Serves `simulator.make_dataset(...)` with the production `run_simulator` (no routes added).
+Serves `simulator.make_dataset(...)` with the production `run_simulator` (no routes added):
+the tenants' periodic links, and a catalog of `--jobs-per-tenant` jobs (on a few backup
+servers of a few organizations) unrelated to them, empty by default; the immediate links
+are empty. Every collection syncd reads answers, so a sync does what it does in production.
 The parent talks to it through pipes, one JSON object per line:
 
 - stdout, once ready: `{"url", "pid", "tenants": [{"name", "api_key"}], "pairs", "warm_s"}`;
@@ -9,8 +12,9 @@ The parent talks to it through pipes, one JSON object per line:
   `{"removed", "added", "warm_s"}`;
 - stdin `{"cmd": "quit"}` or end of input: stops.
 
-Warming fetches every page a syncd snapshot will ask for, over HTTP with the same query, so
-that the measured phases only ever get cached page bodies and the simulator's CPU stays small.
+Warming fetches every page a syncd snapshot will ask for, of every collection, over HTTP
+with the same query, so that the measured phases only ever get cached page bodies and the
+simulator's CPU stays small.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -26,27 +31,30 @@ from typing import Any
 import aiohttp
 import orjson
 
-from syncd import paging
+from syncd import collections, paging
 from syncd import simulator as sim
+from syncd.simulator import dataset
 
 CLIENT_VERSION = "3.6"
 WARM_CONCURRENCY = 8
 
 
 async def warm(url: str, tenants: Sequence[sim.SimTenant], page_size: int) -> float:
-    """Requests every page of every tenant once (sorted as syncd sorts); returns seconds."""
+    """Requests every page of every collection of every tenant once (sorted as syncd sorts);
+    returns seconds."""
     started = time.perf_counter()
-    endpoint = url + sim.JOB_OBJECTS_PATH
-    requests: list[tuple[str, int]] = []
+    requests: list[tuple[str, str, str, int]] = []
     for tenant in tenants:
-        total = len(tenant.items)
-        offsets = [0, *paging.plan_offsets(total, page_size)] if total else [0]
-        requests.extend((tenant.api_key, offset) for offset in offsets)
+        for spec in collections.COLLECTIONS.values():
+            total = len(tenant.collection(spec.name))
+            offsets = [0, *paging.plan_offsets(total, page_size)] if total else [0]
+            sort = paging.sort_param(spec)
+            requests.extend((tenant.api_key, url + spec.path, sort, offset) for offset in offsets)
     pending = iter(requests)
 
     async def worker(session: aiohttp.ClientSession) -> None:
-        for api_key, offset in pending:
-            params = {"limit": str(page_size), "offset": str(offset), "sort": paging.SORT_PARAM}
+        for api_key, endpoint, sort, offset in pending:
+            params = {"limit": str(page_size), "offset": str(offset), "sort": sort}
             headers = {"Authorization": f"Bearer {api_key}", "X-Client-Version": CLIENT_VERSION}
             async with session.get(endpoint, params=params, headers=headers) as response:
                 await response.read()
@@ -63,20 +71,29 @@ def _say(message: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def serve(*, tenants: int, pairs: int, seed: int, page_size: int) -> None:
+async def serve(
+    *, tenants: int, pairs: int, seed: int, page_size: int, jobs_per_tenant: int = 0
+) -> None:
     """Serves the dataset and answers the parent's commands until told to quit."""
-    dataset = sim.make_dataset(tenants=tenants, pairs_per_tenant=pairs, seed=seed)
-    state = sim.SimulatorState(dataset, seed=seed)
+    tenant_data = sim.make_dataset(
+        tenants=tenants, pairs_per_tenant=pairs, seed=seed, catalog=False
+    )
+    for tenant in tenant_data:
+        if jobs_per_tenant:
+            rng = random.Random(f"bench-catalog:{seed}:{tenant.name}")
+            dataset.make_jobs(tenant, jobs_per_tenant, rng)
+    state = sim.SimulatorState(tenant_data, seed=seed)
     loop = asyncio.get_running_loop()
     async with sim.run_simulator(state) as url:
-        warm_s = await warm(url, dataset, page_size)
+        warm_s = await warm(url, tenant_data, page_size)
         state.reset_observations()
         _say(
             {
                 "url": url,
                 "pid": os.getpid(),
-                "tenants": [{"name": t.name, "api_key": t.api_key} for t in dataset],
-                "pairs": sum(len(t.items) for t in dataset),
+                "tenants": [{"name": t.name, "api_key": t.api_key} for t in tenant_data],
+                "pairs": sum(len(t.items) for t in tenant_data),
+                "jobs": sum(len(t.jobs) for t in tenant_data),
                 "warm_s": warm_s,
             }
         )
@@ -89,10 +106,10 @@ async def serve(*, tenants: int, pairs: int, seed: int, page_size: int) -> None:
                 return
             if command["cmd"] == "churn":
                 removed = added = 0
-                for tenant in dataset:
+                for tenant in tenant_data:
                     gone, new = state.churn(tenant.name, float(command["fraction"]))
                     removed, added = removed + gone, added + new
-                warm_s = await warm(url, dataset, page_size)
+                warm_s = await warm(url, tenant_data, page_size)
                 _say({"removed": removed, "added": added, "warm_s": warm_s})
             else:
                 _say({"error": f"unknown command {command['cmd']!r}"})
@@ -105,9 +122,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, required=True, help="pairs per tenant")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--page-size", type=int, default=paging.MAX_PAGE_SIZE)
+    parser.add_argument("--jobs-per-tenant", type=int, default=0, help="catalog jobs per tenant")
     args = parser.parse_args(argv)
     asyncio.run(
-        serve(tenants=args.tenants, pairs=args.pairs, seed=args.seed, page_size=args.page_size)
+        serve(
+            tenants=args.tenants,
+            pairs=args.pairs,
+            seed=args.seed,
+            page_size=args.page_size,
+            jobs_per_tenant=args.jobs_per_tenant,
+        )
     )
     return 0
 

@@ -76,7 +76,9 @@ def with_database(url: str, database: str) -> str:
 class SimulatorProcess:
     """`benchmarks.simserver` running as a child; speaks JSON lines over its pipes."""
 
-    def __init__(self, *, tenants: int, pairs: int, seed: int, page_size: int) -> None:
+    def __init__(
+        self, *, tenants: int, pairs: int, seed: int, page_size: int, jobs_per_tenant: int = 0
+    ) -> None:
         self._process = subprocess.Popen(
             [
                 sys.executable,
@@ -86,6 +88,7 @@ class SimulatorProcess:
                 f"--pairs={pairs}",
                 f"--seed={seed}",
                 f"--page-size={page_size}",
+                f"--jobs-per-tenant={jobs_per_tenant}",
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -96,6 +99,7 @@ class SimulatorProcess:
         self.pid: int = ready["pid"]
         self.tenants: list[tuple[str, str]] = [(t["name"], t["api_key"]) for t in ready["tenants"]]
         self.pairs: int = ready["pairs"]
+        self.jobs: int = ready["jobs"]
         self.warm_s: float = ready["warm_s"]
 
     def _read(self) -> dict[str, Any]:
@@ -250,6 +254,7 @@ class Benchmark:
             page_size=self.args.page_size,
             max_concurrent_pages=self.args.max_concurrent_pages,
             max_concurrent_tenants=self.args.max_concurrent_tenants,
+            collections=self.args.collections,
         )
 
     async def measure(self, label: str, phase: str) -> dict[str, Any]:
@@ -266,7 +271,10 @@ class Benchmark:
         await self.measure("parse", "parse")
         await self.measure("fetch", "fetch")
         await self.measure("fetch_copy", "fetch_copy")
-        await _execute(self.url, "TRUNCATE syncd.links, syncd.runs, syncd.tenants RESTART IDENTITY")
+        await _execute(
+            self.url,
+            "TRUNCATE syncd.links, syncd.catalog_items, syncd.runs, syncd.tenants RESTART IDENTITY",
+        )
         await self.measure("initial", "sync")
         await self.measure("noop", "sync")
         self.churned.append(await asyncio.to_thread(self.simulator.churn, CHURN_FRACTION))
@@ -403,8 +411,9 @@ def render(report: dict[str, Any], console: Console) -> None:
     setup = report["setup"]
     console.print(
         f"[bold]syncd sync benchmark[/]: {setup['tenants']} tenants x "
-        f"{setup['pairs_per_tenant']:,} pairs = {setup['pairs']:,} pairs; "
-        f"median of {setup['repeat']}; page_size {setup['page_size']}, "
+        f"{setup['pairs_per_tenant']:,} pairs = {setup['pairs']:,} pairs"
+        + (f" and {setup['jobs']:,} catalog jobs; " if setup["jobs"] else "; ")
+        + f"median of {setup['repeat']}; page_size {setup['page_size']}, "
         f"{setup['max_concurrent_tenants']} tenants x {setup['max_concurrent_pages']} pages "
         f"at once; {setup['cpus']} CPUs; PostgreSQL {setup['postgres']['server_version']}"
     )
@@ -419,6 +428,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         "sim CPU s",
         "peak RSS MB",
         "link rows",
+        "catalog rows",
         "run+tenant rows",
         "WAL MB",
     ):
@@ -435,6 +445,7 @@ def render(report: dict[str, Any], console: Console) -> None:
             _fmt(figures["simulator_cpu_s"]),
             f"{_fmt(figures['peak_rss_mb'], '.0f')} ({_fmt(figures['baseline_rss_mb'], '.0f')})",
             _fmt(written["links"], ",.0f"),
+            _fmt(written["catalog_items"], ",.0f"),
             _fmt(written["runs"] + written["tenants"], ",.0f"),
             _fmt(figures["wal_bytes"] / MB, ".2f"),
         )
@@ -503,6 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--bloat-rounds", type=int, default=0, help="churn re-syncs of the bloat study"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--collections",
+        type=lambda text: text.split(","),
+        default=None,
+        help="[sync] collections, comma-separated (default: all; the links alone: "
+        "backup_copy_job_objects)",
+    )
+    parser.add_argument(
+        "--jobs-per-tenant",
+        type=int,
+        default=0,
+        help="a catalog of this many jobs per tenant, besides the links (default: none)",
+    )
     parser.add_argument("--page-size", type=int, default=defaults.page_size)
     parser.add_argument("--max-concurrent-pages", type=int, default=defaults.max_concurrent_pages)
     parser.add_argument(
@@ -521,6 +545,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         pairs=args.pairs_per_tenant,
         seed=args.seed,
         page_size=min(args.page_size, paging.MAX_PAGE_SIZE),
+        jobs_per_tenant=args.jobs_per_tenant,
     )
     _progress(
         f"simulator ready at {simulator.url} in {time.perf_counter() - started:.1f}s "
@@ -541,11 +566,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "tenants": args.tenants,
             "pairs_per_tenant": args.pairs_per_tenant,
             "pairs": simulator.pairs,
+            "jobs": simulator.jobs,
             "database": make_url(url).database,
             "repeat": args.repeat,
             "page_size": args.page_size,
             "max_concurrent_pages": args.max_concurrent_pages,
             "max_concurrent_tenants": args.max_concurrent_tenants,
+            "collections": args.collections,
             "cpus": os.cpu_count(),
             "postgres": postgres,
             "simulator_warm_s": simulator.warm_s,
@@ -566,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
-    render(report, Console(width=150))
+    render(report, Console(width=170))
     if args.json is not None:
         args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     return 0

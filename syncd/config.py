@@ -30,7 +30,7 @@ from pydantic import (
 )
 from yarl import URL
 
-from syncd import environment, errors
+from syncd import collections, environment, errors
 from syncd.paging import MAX_PAGE_SIZE
 
 CONFIG_ENV = environment.CONFIG_ENV
@@ -175,6 +175,8 @@ def _check_cron(value: object) -> str | None:
 
 
 Cron = Annotated[str | None, BeforeValidator(_check_cron)]
+CollectionNames = Annotated[tuple[str, ...], BeforeValidator(collections.check_names)]
+ALL_COLLECTIONS: tuple[str, ...] = tuple(collections.COLLECTIONS)
 
 
 def _reject_interval_and_cron(data: Any) -> Any:
@@ -211,6 +213,8 @@ class SyncSettings(_Model):
     max_body_bytes: ByteSize = Field(default=16 * 1024**2, alias="max_body_size")
     # Sent as the X-Client-Version header: a version number, nothing that could end a header.
     client_version: Annotated[str, Field(pattern=r"^[0-9A-Za-z][0-9A-Za-z.\-]{0,19}$")] = "3.6"
+    # Which VSPC collections to copy (names of `collections.COLLECTIONS`); all by default.
+    collections: CollectionNames = ALL_COLLECTIONS
 
     _interval_or_cron = model_validator(mode="before")(_reject_interval_and_cron)
 

@@ -1,6 +1,7 @@
 """`syncd demo`: all of syncd in one command, against the bundled VSPC simulator.
 
-It serves a small, fixed simulated VSPC (three tenants, fixed seed) on a free local port,
+It serves a small, fixed simulated VSPC (three tenants, both copy modes and a catalog of
+jobs, backup servers and organizations, fixed seed) on a free local port,
 starts the embedded PostgreSQL, recreates a dedicated `syncd_demo` database in it (so a
 zero-config syncd's own data in the `postgres` database is never touched, and every run
 prints the same numbers), syncs every tenant, lets the simulator churn, syncs again, checks
@@ -36,6 +37,8 @@ DEMO_TENANTS = 3
 DEMO_DATABASE = "syncd_demo"
 DEMO_PAGE_SIZE = 100
 CHURN_FRACTION = 0.02
+# Immediate backup copy job links, per periodic one.
+IMMEDIATE_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,21 @@ EXAMPLE_QUERIES: tuple[ExampleQuery, ...] = (
  ORDER BY c.tenant;""",
     ),
     ExampleQuery(
+        "What the copy jobs copy, by name (the first links)",
+        """SELECT tenant, copy_mode, copy_job_name, source_job_name, source_job_type,
+       organization_name
+  FROM syncd.job_links_named
+ ORDER BY tenant, copy_mode, copy_job_name, source_job_name NULLS FIRST
+ LIMIT 6;""",
+    ),
+    ExampleQuery(
+        "Backup jobs copied by nothing (the first few)",
+        """SELECT tenant, name, type, backup_server_name, organization_name
+  FROM syncd.unprotected_jobs
+ ORDER BY tenant, name
+ LIMIT 6;""",
+    ),
+    ExampleQuery(
         "Tenant health, for alerting",
         """SELECT tenant,
        last_status,
@@ -83,7 +101,10 @@ EXAMPLE_QUERIES: tuple[ExampleQuery, ...] = (
 def demo_state(pairs_per_tenant: int) -> sim.SimulatorState:
     """The demo's simulated VSPC; the same data on every call with the same arguments."""
     dataset = sim.make_dataset(
-        tenants=DEMO_TENANTS, pairs_per_tenant=pairs_per_tenant, seed=DEMO_SEED
+        tenants=DEMO_TENANTS,
+        pairs_per_tenant=pairs_per_tenant,
+        seed=DEMO_SEED,
+        immediate_pairs_per_tenant=round(pairs_per_tenant * IMMEDIATE_FRACTION),
     )
     return sim.SimulatorState(dataset, seed=DEMO_SEED)
 
@@ -181,15 +202,19 @@ async def _mismatches(engine: AsyncEngine, state: sim.SimulatorState) -> list[st
         for name, tenant in sorted(state.tenants.items()):
             rows = await connection.execute(
                 sa.text(
-                    "SELECT job_uid::text, unique_job_uid::text, linked_job_uid::text "
-                    "FROM syncd.job_links_current WHERE tenant = :tenant"
+                    "SELECT copy_mode, job_uid::text, unique_job_uid::text, "
+                    "linked_job_uid::text FROM syncd.job_links_current WHERE tenant = :tenant"
                 ),
                 {"tenant": name},
             )
-            stored = {(row[0], row[1], row[2]) for row in rows}
+            stored = {(row[0], row[1], row[2], row[3]) for row in rows}
             wanted = {
-                (item["jobUid"], item.get("uniqueJobUid"), item["linkedJobUid"])
-                for item in tenant.items
+                (mode, item["jobUid"], item.get("uniqueJobUid"), item["linkedJobUid"])
+                for mode, items in (
+                    ("periodic", tenant.items),
+                    ("immediate", tenant.immediate_items),
+                )
+                for item in items
             }
             if stored != wanted:
                 problems.append(
@@ -237,9 +262,11 @@ async def _run(
 ) -> int:
     async with sim.run_simulator(state) as simulator_url:
         cfg = demo_config(simulator_url, state)
+        immediate = round(args.pairs * IMMEDIATE_FRACTION)
         out.print(
-            f"[bold]syncd demo[/]: {DEMO_TENANTS} simulated VSPC tenants x {args.pairs} pairs "
-            f"(simulator at {simulator_url})"
+            f"[bold]syncd demo[/]: {DEMO_TENANTS} simulated VSPC tenants x {args.pairs} periodic "
+            f"and {immediate} immediate backup copy links, with their jobs, backup servers and "
+            f"organizations (simulator at {simulator_url})"
         )
         async with embedded.running(data_dir) as server_url:
             demo_url = await recreate_database(server_url, DEMO_DATABASE)
@@ -280,7 +307,7 @@ async def _report(
             f"second sync added {result.added}, removed {result.removed}"
         )
     problems = await _mismatches(engine, state)
-    total = sum(len(tenant.items) for tenant in state.tenants.values())
+    total = sum(len(t.items) + len(t.immediate_items) for t in state.tenants.values())
     if problems:
         for problem in problems:
             out.print(f"[red]  copy differs from the simulator: {escape(problem)}[/]")

@@ -128,6 +128,21 @@ def _is_sql_statement_error(exc: BaseException) -> bool:
     return hasattr(exc, "statement") and hasattr(exc, "orig") and hasattr(exc, "params")
 
 
+class ResourceMissing(ApiError):
+    """VSPC answered HTTP 404 for the resource asked for."""
+
+
+class CollectionUnavailable(TenantError):
+    """The server has no such collection (404 on its first page: an older VSPC).
+
+    Not a failure: the run records the collection as unavailable and goes on without it.
+    """
+
+    def __init__(self, message: str, *, collection: str) -> None:
+        super().__init__(message)
+        self.collection = collection
+
+
 class PageProblem(TenantError):
     """A page of a VSPC collection is not what was asked for (bad payload, paging mismatch).
 

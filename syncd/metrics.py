@@ -74,6 +74,24 @@ class Metrics:
             ["tenant", "change"],
             registry=registry,
         )
+        self.items_current = Gauge(
+            "syncd_items_current",
+            "Items of a collection stored for the tenant, after its last run that applied it.",
+            ["tenant", "collection"],
+            registry=registry,
+        )
+        self.items_changed = Counter(
+            "syncd_items_changed",
+            "Items of a collection added, removed or changed (a new version) by runs.",
+            ["tenant", "collection", "change"],
+            registry=registry,
+        )
+        self.collection_runs = Counter(
+            "syncd_collection_runs",
+            "Collections synced in a tenant's runs, by how each ended (unavailable: HTTP 404).",
+            ["tenant", "collection", "status"],
+            registry=registry,
+        )
         self.last_success = Gauge(
             "syncd_last_success_timestamp_seconds",
             "Unix time, in seconds, at which the tenant's last succeeded run finished.",
@@ -153,6 +171,17 @@ class Metrics:
         self.pairs_changed.labels(tenant=self._label(tenant), change="removed").inc(result.removed)
         if result.current_pairs is not None:
             self.pairs_current.labels(tenant=self._label(tenant)).set(result.current_pairs)
+        for collection, outcome in result.collections.items():
+            labels = {"tenant": self._label(tenant), "collection": collection}
+            self.collection_runs.labels(**labels, status=str(outcome.status)).inc()
+            for change, count in (
+                ("added", outcome.added),
+                ("removed", outcome.removed),
+                ("changed", outcome.changed),
+            ):
+                self.items_changed.labels(**labels, change=change).inc(count)
+            if outcome.current is not None:
+                self.items_current.labels(**labels).set(outcome.current)
         if result.status == "succeeded":
             self.last_success.labels(tenant=self._label(tenant)).set(time.time())
 
@@ -173,6 +202,9 @@ class Metrics:
             self.sync_duration,
             self.pairs_current,
             self.pairs_changed,
+            self.items_current,
+            self.items_changed,
+            self.collection_runs,
             self.last_success,
             self.consecutive_failures,
             self.http_requests,

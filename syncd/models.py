@@ -1,9 +1,14 @@
 """The tables in schema `syncd`. Reporting tools read the views built on them (see README).
 
-One durable table of presence intervals (`links`) holds a row per (pair, stretch of time the
-pair was present). The reporting views `job_links_current`, `job_links_history` and
-`job_link_changes` all derive from it, so an added pair costs one row write, a removed pair one
-row update, and a sync that changes nothing writes no link rows at all.
+One durable table of presence intervals (`links`) holds a row per (pair, copy mode, stretch
+of time the pair was present). The reporting views `job_links_current`, `job_links_history`
+and `job_link_changes` all derive from it, so an added pair costs one row write, a removed
+pair one row update, and a sync that changes nothing writes no link rows at all.
+
+One generic table (`catalog_items`) holds every catalog collection (jobs, backup servers,
+organizations: see `collections.py`) as versions: descriptive fields in `attributes`, a new
+row when they change; volatile fields in `volatile`, updated in place when they change. A new
+catalog collection is a spec and a migration adding its views, not a new table.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SCHEMA = "syncd"
@@ -57,6 +62,7 @@ STORED_RUN_STATUSES = (
     RunStatus.FAILED,
 )
 RUN_STATUS_CHECK = "status IN (" + ", ".join(f"'{status}'" for status in STORED_RUN_STATUSES) + ")"
+COPY_MODE_CHECK = "copy_mode IN ('periodic', 'immediate')"
 
 metadata = MetaData(
     schema=SCHEMA,
@@ -91,6 +97,11 @@ class TenantRow(Base):
     # Runs that started before this are not part of the mass-delete guard's baseline:
     # set when an operator allowed a mass delete (`--allow-mass-delete`).
     delete_baseline_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Collections the tenant's server answered 404 for in its last run (an older VSPC): kept
+    # so that a run warns only when the set changes, not every time.
+    unavailable_collections: Mapped[list[str]] = mapped_column(
+        ARRAY(Text), server_default=text("'{}'")
+    )
 
 
 class RunRow(Base):
@@ -101,13 +112,9 @@ class RunRow(Base):
         CheckConstraint(RUN_STATUS_CHECK, name="status_known"),
         Index(None, "tenant_id", "id"),
         Index(None, "tenant_id", postgresql_where=text("status = 'running'")),
-        # The mass-delete guard's baseline: the tenant's succeeded runs within a window.
-        Index(
-            "ix_runs_tenant_id_started_at_succeeded",
-            "tenant_id",
-            "started_at",
-            postgresql_where=text("status = 'succeeded'"),
-        ),
+        # The mass-delete guard's baseline: the tenant's runs within a window (a collection
+        # can succeed in a run that is partial as a whole).
+        Index(None, "tenant_id", "started_at"),
         # The status page's last-24-hours aggregate.
         Index(None, "started_at"),
     )
@@ -125,6 +132,9 @@ class RunRow(Base):
     # Who ran it: helps an operator tell which process left a run behind.
     host: Mapped[str | None] = mapped_column(Text)
     pid: Mapped[int | None] = mapped_column(Integer)
+    # Each collection's outcome, by name: {"status", "pages", "seen", "added", "removed",
+    # "changed", "error"}; NULL for runs before syncd synced several collections.
+    collections: Mapped[dict[str, object] | None] = mapped_column(JSONB)
 
 
 class LinkRow(Base):
@@ -136,10 +146,12 @@ class LinkRow(Base):
 
     __tablename__ = "links"
     __table_args__ = (
-        # The diff's lookup and the guarantee of one open interval per pair.
+        CheckConstraint(COPY_MODE_CHECK, name="copy_mode_known"),
+        # The diff's lookup and the guarantee of one open interval per pair and mode.
         Index(
             "uq_links_open_pair",
             "tenant_id",
+            "copy_mode",
             "job_uid",
             "linked_job_uid",
             "unique_job_uid",
@@ -159,6 +171,43 @@ class LinkRow(Base):
     valid_to: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     opened_run_id: Mapped[int] = mapped_column(BigInteger)
     closed_run_id: Mapped[int | None] = mapped_column(BigInteger)
+    # Which backup copy mode links the pair: its collection's `copy_mode`.
+    copy_mode: Mapped[str] = mapped_column(Text, server_default=text("'periodic'"))
+
+
+class CatalogItemRow(Base):
+    """One version of one catalog item; `valid_to` NULL for the current version.
+
+    `attributes` holds the descriptive fields (a change closes this version and opens the
+    next), `volatile` the current-only ones (updated in place). Keys are VSPC's field names.
+    `first_seen_at` is the start of the item's current presence, carried across versions.
+    No foreign keys, as for `links`.
+    """
+
+    __tablename__ = "catalog_items"
+    __table_args__ = (
+        # The diff's lookup and the guarantee of one current version per item.
+        Index(
+            "uq_catalog_items_open_item",
+            "tenant_id",
+            "collection",
+            "uid",
+            unique=True,
+            postgresql_where=text("valid_to IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    collection: Mapped[str] = mapped_column(Text)
+    uid: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    attributes: Mapped[dict[str, object]] = mapped_column(JSONB)
+    volatile: Mapped[dict[str, object]] = mapped_column(JSONB)
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    valid_from: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    valid_to: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    opened_run_id: Mapped[int] = mapped_column(BigInteger)
+    closed_run_id: Mapped[int | None] = mapped_column(BigInteger)
 
 
 # The reporting views: a public contract (names and columns are used by reporting tools).
@@ -168,4 +217,10 @@ REPORTING_VIEWS = (
     "job_link_changes",
     "sync_runs",
     "tenant_status",
+    "jobs_current",
+    "jobs_history",
+    "backup_servers_current",
+    "organizations_current",
+    "job_links_named",
+    "unprotected_jobs",
 )

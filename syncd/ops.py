@@ -9,10 +9,11 @@ into exit 1 (or 2 for usage and configuration errors).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aiohttp
@@ -21,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import config, console, db, errors, logs, models, status, store, sync, vspc
+from syncd import collections, config, console, db, errors, logs, models, status, store, sync, vspc
 from syncd.models import RunStatus
 
 # `check` is interactive: a dead server should be reported in seconds, not after the full
@@ -85,6 +86,21 @@ class CheckResult:
     total_pairs: int | None = None
     problem: str | None = None
     hint: str | None = None
+    # How each configured collection answered its first page: "ok", "unavailable" (HTTP
+    # 404: an older VSPC), or "failed"; empty when the tenant could not be reached at all.
+    collections: Mapping[str, str] = field(default_factory=dict)
+
+    def collections_text(self) -> str:
+        """The `collections` cell: how many answer, and which do not."""
+        if not self.collections:
+            return ""
+        answering = [name for name, state in self.collections.items() if state == "ok"]
+        text = f"{len(answering)} of {len(self.collections)}"
+        for state in ("unavailable", "failed"):
+            names = [name for name, found in self.collections.items() if found == state]
+            if names:
+                text += f"; {state}: {', '.join(names)}"
+        return text
 
 
 def _tls_in_use(tenant: config.Tenant) -> str:
@@ -167,31 +183,65 @@ def _quick(tenant: config.Tenant) -> config.Tenant:
     return dataclasses.replace(tenant, settings=settings)
 
 
+async def _first_page(
+    client: vspc.VspcClient, collection: collections.Collection
+) -> tuple[str, int | None, str | None]:
+    """(state, total, problem) of one item of `collection`'s first page; `TenantError`s
+    other than an unavailable collection propagate."""
+    try:
+        page = await client.fetch_first_page(limit=1, collection=collection)
+    except errors.CollectionUnavailable:
+        return "unavailable", None, None
+    return "ok", page.total, None
+
+
+async def _first_page_of_other(
+    client: vspc.VspcClient, collection: collections.Collection
+) -> tuple[str, int | None, str | None]:
+    try:
+        return await _first_page(client, collection)
+    except errors.TenantError as exc:
+        return "failed", None, f"{collection.name}: {'; '.join(errors.cause_chain(exc))}"
+
+
 async def check_tenant(
     tenant: config.Tenant, scrubber: logs.SecretScrubber | None = None
 ) -> CheckResult:
-    """Authenticates as `tenant` and fetches one item of the first page.
+    """Authenticates as `tenant` and fetches one item of the first page of each of its
+    collections: the first decides whether the tenant is reachable at all, the others say
+    which collections answer (a 404 is an unavailable collection, not a failure).
 
     Always returns a result; its problem text is cleaned and scrubbed of known secrets
     (the tenant's own, and tokens obtained while checking).
     """
     secrets = scrubber if scrubber is not None else logs.SecretScrubber()
     secrets.register(tenant.secrets())
+    first, *others = collections.by_names(tenant.settings.collections)
     try:
         async with vspc.open_client(_quick(tenant), on_secret=secrets.register) as client:
-            page = await client.fetch_first_page(limit=1)
+            answers = [await _first_page(client, first)]
+            answers += await asyncio.gather(*(_first_page_of_other(client, c) for c in others))
     except errors.TenantError as exc:
         result = _diagnose(tenant, exc)
         return dataclasses.replace(
             result, problem=errors.clean_text(secrets.scrub(result.problem or ""))
         )
+    wanted = [first, *others]
+    totals = [
+        total
+        for collection, (_, total, _) in zip(wanted, answers, strict=True)
+        if collection.kind is collections.Kind.LINKS and total is not None
+    ]
+    problems = [problem for _, _, problem in answers if problem]
     return CheckResult(
         tenant=tenant.name,
         auth_method=tenant.auth.method,
         reachable="yes",
         tls=_tls_in_use(tenant),
-        page_ok=True,
-        total_pairs=page.total,
+        page_ok=not problems,
+        total_pairs=sum(totals) if totals else None,
+        problem=errors.clean_text(secrets.scrub("; ".join(problems))) if problems else None,
+        collections={c.name: state for c, (state, _, _) in zip(wanted, answers, strict=True)},
     )
 
 
@@ -227,7 +277,8 @@ async def check_tenants(
 def check_table(results: Sequence[CheckResult]) -> Table:
     """The table `syncd check` prints."""
     table = Table(title="syncd check")
-    for column in ("tenant", "auth", "server reachable", "TLS", "first page", "total pairs"):
+    columns = ("tenant", "auth", "server reachable", "TLS", "first page", "total pairs")
+    for column in (*columns, "collections answering"):
         table.add_column(column)
     for result in results:
         table.add_row(
@@ -237,6 +288,7 @@ def check_table(results: Sequence[CheckResult]) -> Table:
             result.tls,
             "OK" if result.page_ok else "[red]FAILED[/]",
             "" if result.total_pairs is None else str(result.total_pairs),
+            result.collections_text(),
         )
     return table
 

@@ -1,10 +1,12 @@
-"""Paging over VSPC's jobObjects collection as pure logic: plan offsets, check pages, judge.
+"""Paging over a VSPC collection as pure logic: plan offsets, check pages, judge.
 
 No I/O here (the requests are sent by `vspc.py`). A snapshot is read with overlapping pages:
 consecutive pages share one position, so an insert or delete between two page fetches shows
 up as a mismatch at the shared position ("drift"). Every page is checked against what was
-asked for (offset echoed, count, total unchanged, every item a valid pair), and the snapshot
-is complete only when every position 0..total-1 was covered by a page that passed.
+asked for (offset echoed, count, total unchanged, every item valid for its collection), and
+the snapshot is complete only when every position 0..total-1 was covered by a page that
+passed. Link collections parse into `Pair`s on a fast path (millions of them); catalog
+collections into `Record`s holding only the fields their spec names.
 
 What one shared position cannot see: an insert and a delete on the same side of a page
 boundary, between the fetches of the two pages, cancel out there. A pair added mid-snapshot
@@ -16,25 +18,42 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
-from syncd import errors
+from syncd import collections, errors
+from syncd.collections import Collection, FieldType
 
 Pair = tuple[str, str | None, str]
 """(job_uid, unique_job_uid or None, linked_job_uid), lowercase canonical UUID text."""
 
 MAX_PAGE_SIZE = 500  # VSPC's default MaxPageSize, the documented maximum of `limit`
+_INT_BOUND = 2**63
 
-# Sorting on all three fields leaves no ties, so the order of items is total and stable.
-SORT_PARAM: str = orjson.dumps(
-    [
-        {"property": "jobUid", "direction": "ascending"},
-        {"property": "linkedJobUid", "direction": "ascending"},
-        {"property": "uniqueJobUid", "direction": "ascending"},
-    ]
-).decode()
+
+def sort_param(collection: Collection) -> str:
+    """The `sort` query parameter asking for `collection` in its total order."""
+    return orjson.dumps(
+        [{"property": name, "direction": "ascending"} for name in collection.sort]
+    ).decode()
+
+
+SORT_PARAM: str = sort_param(collections.BACKUP_COPY_JOB_OBJECTS)
+"""The links collections' sort: on all three fields, so no ties and a total order."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One catalog item: its identity and the fields its collection keeps, as JSON objects
+    (keys are VSPC's; absent and null fields are left out)."""
+
+    uid: str
+    attributes: str  # descriptive fields: a change opens a new version
+    volatile: str  # current-only fields
+
 
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _HEX_DIGITS = str.maketrans("", "", "0123456789abcdef")
@@ -46,10 +65,11 @@ _VALUE_PREVIEW = 60
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One checked page of the collection.
+    """One checked page of a collection.
 
-    `pairs` holds every item of the page in server order, including the item this page
-    shares with the previous one. `has_paging_info` is False when the server sent no
+    `pairs` (links collections) or `records` (catalog collections) holds every item of the
+    page in server order, including the item this page shares with the previous one; the
+    other list is empty. `has_paging_info` is False when the server sent no
     `meta.pagingInfo` (allowed on a first page only); `total` is then the item count.
     """
 
@@ -57,6 +77,20 @@ class Page:
     total: int
     pairs: list[Pair]
     has_paging_info: bool = True
+    records: list[Record] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """Items on the page."""
+        return len(self.pairs) or len(self.records)
+
+    def edge_keys(self) -> tuple[object, object] | None:
+        """Identity of the first and the last item (what overlapping pages compare)."""
+        if self.pairs:
+            return self.pairs[0], self.pairs[-1]
+        if self.records:
+            return self.records[0].uid, self.records[-1].uid
+        return None
 
 
 @dataclass(frozen=True)
@@ -91,9 +125,16 @@ def plan_offsets(total: int, page_size: int, *, overlap: bool = True) -> range:
 
 
 def parse_page(
-    body: bytes, *, tenant: str, offset: int, limit: int, expected_total: int | None
+    body: bytes,
+    *,
+    tenant: str,
+    offset: int,
+    limit: int,
+    expected_total: int | None,
+    collection: Collection = collections.BACKUP_COPY_JOB_OBJECTS,
 ) -> Page:
-    """Decodes and checks one page; raises `errors.PageProblem` naming tenant, offset, field.
+    """Decodes and checks one page of `collection`; raises `errors.PageProblem` naming
+    tenant, offset and field.
 
     `expected_total` is the total the first page reported, or None when this IS the first
     page: the first page may then hold fewer items than asked for (a server whose
@@ -138,8 +179,7 @@ def parse_page(
             )
         if len(data) > limit:
             raise problem("data", f"{len(data)} items, more than the limit {limit}")
-        pairs = _pairs(data, problem)
-        return Page(offset=offset, total=len(pairs), pairs=pairs, has_paging_info=False)
+        return _page(offset, len(data), data, collection, problem, has_paging_info=False)
 
     if not isinstance(paging_info, dict):
         raise problem("meta.pagingInfo", "not an object")
@@ -161,13 +201,27 @@ def parse_page(
             "data",
             f"{len(data)} items, expected {expected_len} (limit {limit}, total {total})",
         )
-    return Page(offset=offset, total=total, pairs=_pairs(data, problem))
+    return _page(offset, total, data, collection, problem)
+
+
+def _page(
+    offset: int,
+    total: int,
+    data: list[object],
+    collection: Collection,
+    problem: _ProblemFactory,
+    *,
+    has_paging_info: bool = True,
+) -> Page:
+    if collection.kind is collections.Kind.LINKS:
+        return Page(offset, total, _pairs(data, problem), has_paging_info)
+    return Page(offset, total, [], has_paging_info, _records(data, collection, problem))
 
 
 class SnapshotTracker:
     """The state of one snapshot: plans it from the first page, checks it as pages arrive.
 
-    Keeps only the first and last pair of each page (enough for the overlap check), so
+    Keeps only the first and last identity of each page (enough for the overlap check), so
     memory grows with the number of pages, not items, and the number of pages is bounded
     by `max_total / limit`. Pages may be recorded in any order.
     """
@@ -188,7 +242,7 @@ class SnapshotTracker:
         is the one requested, never learned from a short page (a server that claims
         millions of items and sends one would otherwise plan millions of requests).
         """
-        count = len(first.pairs)
+        count = first.count
         if not first.has_paging_info:
             if count >= self.limit:
                 self._problems.append(
@@ -222,8 +276,9 @@ class SnapshotTracker:
 
     def record(self, page: Page) -> None:
         """Notes a page that passed `parse_page`."""
-        if page.pairs:
-            self._edges[page.offset] = _Edges(len(page.pairs), page.pairs[0], page.pairs[-1])
+        edges = page.edge_keys()
+        if edges is not None:
+            self._edges[page.offset] = _Edges(page.count, *edges)
         else:
             self._edges[page.offset] = _Edges(0, None, None)
 
@@ -282,8 +337,8 @@ class SnapshotTracker:
 @dataclass(frozen=True, slots=True)
 class _Edges:
     count: int
-    first: Pair | None
-    last: Pair | None
+    first: object
+    last: object
 
 
 _ProblemFactory = Callable[[str, str], errors.PageProblem]
@@ -364,6 +419,78 @@ def _first_bad_item(data: list[object], problem: _ProblemFactory) -> errors.Page
                 return problem(f"data[{index}].{key}", f"not a UUID: {_preview(value)}")
     # Unreachable while _all_uuids and this walk agree; kept so a bug cannot pass bad data.
     return problem("data", "items failed validation")
+
+
+def _records(data: list[object], collection: Collection, problem: _ProblemFactory) -> list[Record]:
+    """Records of `data`: the identity and the fields `collection` keeps, checked by type.
+
+    Fields the spec does not name are dropped here (organizations' contact data never
+    goes further); text is cleaned of control characters and capped.
+    """
+    (identity,) = collection.identity
+    records = []
+    for index, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise problem(f"data[{index}]", f"not an object: {_preview(item)}")
+        uid = _value(item, identity.source, FieldType.UUID, index, problem)
+        if uid is None:
+            raise problem(f"data[{index}].{identity.source}", "missing (required)")
+        attributes = _values(item, collection.descriptive, index, problem)
+        volatile = _values(item, collection.volatile, index, problem)
+        records.append(Record(str(uid), attributes, volatile))
+    return records
+
+
+def _values(
+    item: dict[str, Any],
+    fields: tuple[collections.Field, ...],
+    index: int,
+    problem: _ProblemFactory,
+) -> str:
+    values = {}
+    for spec in fields:
+        value = _value(item, spec.source, spec.type, index, problem)
+        if value is not None:
+            values[spec.source] = value
+    return orjson.dumps(values).decode()
+
+
+def _value(
+    item: dict[str, Any], key: str, kind: FieldType, index: int, problem: _ProblemFactory
+) -> object:
+    """The field's value as stored (None when absent or null); raises a page problem when it
+    has the wrong type."""
+    value = item.get(key)
+    if value is None:
+        return None
+    where = f"data[{index}].{key}"
+    if kind is FieldType.BOOL:
+        if type(value) is not bool:
+            raise problem(where, f"not a boolean: {_preview(value)}")
+        return value
+    if kind is FieldType.INT:
+        if type(value) is not int or not -_INT_BOUND <= value < _INT_BOUND:
+            raise problem(where, f"not a 64-bit integer: {_preview(value)}")
+        return value
+    if not isinstance(value, str):
+        raise problem(where, f"not a string: {_preview(value)}")
+    if kind is FieldType.UUID:
+        lowered = value.lower()
+        if _UUID_RE.fullmatch(lowered) is None:
+            raise problem(where, f"not a UUID: {_preview(value)}")
+        return lowered
+    if kind is FieldType.TIMESTAMP:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise problem(where, f"not an ISO 8601 timestamp: {_preview(value)}") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        try:
+            return moment.astimezone(UTC).isoformat()
+        except OverflowError:  # .NET's DateTime.MinValue/MaxValue with an offset: "never"
+            return None
+    return errors.clean_text(value, limit=collections.TEXT_MAX_CHARS)
 
 
 def _preview(value: object) -> str:

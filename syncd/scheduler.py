@@ -171,6 +171,7 @@ class TenantState:
     last_duration_s: float | None = None
     last_success_at: datetime | None = None
     pairs: int | None = None
+    collections: dict[str, dict[str, Any]] | None = None
 
 
 class _TenantOfJob(logging.Filter):
@@ -391,6 +392,10 @@ class TenantScheduler:
             state.last_success_at = finished
         if result.current_pairs is not None:
             state.pairs = result.current_pairs
+        if result.collections:
+            state.collections = {
+                name: outcome.as_json() for name, outcome in result.collections.items()
+            }
         self._metrics.record_run(result, state.consecutive_failures)
         if tenant_failed and not self._stopping:
             self._back_off(state, finished)
@@ -432,6 +437,11 @@ class TenantScheduler:
             state.last_status = row.last_status
             state.last_success_at = row.last_success_at
             state.pairs = row.pairs
+            state.collections = (
+                None
+                if row.collections is None
+                else {name: dict(outcome) for name, outcome in row.collections.items()}
+            )
             self._metrics.seed_tenant(row.tenant, row.pairs or 0, row.last_success_at)
 
     # --- reporting -----------------------------------------------------------------------
@@ -452,6 +462,7 @@ class TenantScheduler:
                     last_success_at=success,
                     pairs=state.pairs,
                     age_s=None if success is None else (now - success).total_seconds(),
+                    collections=state.collections,
                     schedule=schedule_text(state.tenant.settings),
                     period_s=state.period_s,
                     running_since=state.running_since,

@@ -7,6 +7,7 @@ the same type from what its scheduler knows, adding what only a running daemon c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +33,9 @@ class TenantStatus:
     last_success_at: datetime | None = None
     pairs: int | None = None
     age_s: float | None = None  # since the last success, when this was read
+    # The last run's outcome per collection, by name ({"status", "pages", "seen", "added",
+    # "removed", "changed", "error"}), as `sync_runs.collections` holds it.
+    collections: Mapping[str, Mapping[str, Any]] | None = None
     # What only a running daemon knows; defaults elsewhere.
     schedule: str | None = None
     period_s: float | None = None  # the schedule's period: "stale" is measured in it
@@ -44,6 +48,14 @@ class TenantStatus:
     last_duration_s: float | None = None
     next_run_at: datetime | None = None
     consecutive_failures: int = 0
+
+    def unavailable_collections(self) -> list[str]:
+        """Collections the server did not have in the last run (HTTP 404), by name."""
+        return [
+            name
+            for name, outcome in (self.collections or {}).items()
+            if outcome.get("status") == "unavailable"
+        ]
 
     @property
     def ok(self) -> bool:
@@ -63,6 +75,7 @@ class TenantStatus:
             "last_success_at": iso(self.last_success_at),
             "age_s": None if self.age_s is None else round(self.age_s, 3),
             "pairs": self.pairs,
+            "collections": None if self.collections is None else dict(self.collections),
             "ok": self.ok,
             "schedule": self.schedule,
             "period_s": self.period_s,

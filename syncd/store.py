@@ -1,31 +1,35 @@
-"""All of syncd's SQL: tenants, runs, the staging table and the set-based snapshot diff.
+"""All of syncd's SQL: tenants, runs, the staging tables and the set-based snapshot diffs.
 
 Plain functions over a connection the caller owns: values go in and come out (a `Run`,
 an `ApplyResult`), nothing is remembered between calls, and nothing here commits. The
-sync engine (`sync.py`) owns every transaction. Pairs reach the staging table through
-asyncpg's binary `COPY`, never row by row. Driver errors are recognised in one place,
-`db.is_database_error`, and turned into `errors.DatabaseError` by `db.database_errors`.
+sync engine (`sync.py`) owns every transaction. Pairs and catalog records reach their
+staging tables through asyncpg's binary `COPY`, never row by row; one diff per collection
+(links: per copy mode; catalog: per collection name) is set-based whatever the size.
+Driver errors are recognised in one place, `db.is_database_error`, and turned into
+`errors.DatabaseError` by `db.database_errors`.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from syncd import db, models, status
+from syncd import collections, db, models, status
 from syncd.models import RunStatus
-from syncd.paging import Pair
+from syncd.paging import Pair, Record
 
 # Advisory lock namespace ("SYNC"); the second key is the tenant's id.
 LOCK_NAMESPACE = 1398361667
 STAGING = "syncd_staging"
+CATALOG_STAGING = "syncd_catalog_staging"
 
 _NIL = models.NO_UNIQUE_JOB_UID
 
@@ -38,19 +42,24 @@ class Run:
     tenant_id: int
     tenant: str
     started_at: datetime
+    # The collections the tenant's previous run found unavailable (so a change is logged once).
+    unavailable_before: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ApplyResult:
-    """What applying a snapshot changed, and how many pairs were present before."""
+    """What applying a snapshot changed, and how many items were present before."""
 
     added: int
     removed: int
     present_before: int
 
+    changed: int = 0  # catalog items with a new version (descriptive fields changed)
+    refreshed: int = 0  # catalog items whose volatile fields alone changed
+
     @property
     def present_after(self) -> int:
-        """Pairs present once the apply commits."""
+        """Items present once the apply commits."""
         return self.present_before + self.added - self.removed
 
 
@@ -105,12 +114,13 @@ async def close_abandoned_runs(connection: AsyncConnection, tenant_id: int) -> i
 
 
 async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str) -> Run:
-    """Records a new `running` run."""
+    """Records a new `running` run (and reads what the tenant's last run found unavailable)."""
     row = (
         await connection.execute(
             sa.text(
                 "INSERT INTO syncd.runs (tenant_id, started_at, status, host, pid) "
-                "VALUES (:tenant_id, now(), :running, :host, :pid) RETURNING id, started_at"
+                "VALUES (:tenant_id, now(), :running, :host, :pid) RETURNING id, started_at, "
+                "(SELECT unavailable_collections FROM syncd.tenants WHERE id = :tenant_id)"
             ),
             {
                 "tenant_id": tenant_id,
@@ -120,58 +130,97 @@ async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str) ->
             },
         )
     ).one()
-    return Run(id=int(row[0]), tenant_id=tenant_id, tenant=tenant, started_at=row[1])
+    return Run(
+        id=int(row[0]),
+        tenant_id=tenant_id,
+        tenant=tenant,
+        started_at=row[1],
+        unavailable_before=tuple(row[2] or ()),
+    )
 
 
 async def prepare_staging(connection: AsyncConnection) -> None:
-    """An empty temporary staging table (not WAL-logged, private to this connection).
+    """Empty temporary staging tables (not WAL-logged, private to this connection): one
+    for the pairs of both copy modes, one for catalog records of every collection.
 
-    The table lives as long as the pooled connection and `clear_staging` empties it after
-    each run: creating and dropping it per run would write ~6 kB of catalog WAL each time
-    (plus ~13 kB if it were ANALYZEd), where a TRUNCATE writes ~0.5 kB.
+    The tables live as long as the pooled connection and `clear_staging` empties them after
+    each run: creating and dropping them per run would write ~6 kB of catalog WAL each time
+    (plus ~13 kB if ANALYZEd), where a TRUNCATE writes ~0.5 kB.
     """
     await connection.execute(
         sa.text(
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING} ("
-            "job_uid uuid NOT NULL, unique_job_uid uuid NOT NULL, linked_job_uid uuid NOT NULL)"
+            "copy_mode text NOT NULL, job_uid uuid NOT NULL, unique_job_uid uuid NOT NULL, "
+            "linked_job_uid uuid NOT NULL)"
         )
     )
-    if await _scalar(connection, f"SELECT EXISTS (SELECT FROM pg_temp.{STAGING})"):
-        # A run on this connection ended without clearing it (e.g. the clear failed).
-        await connection.execute(sa.text(f"TRUNCATE pg_temp.{STAGING}"))
+    await connection.execute(
+        sa.text(
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {CATALOG_STAGING} ("
+            "collection text NOT NULL, uid uuid NOT NULL, attributes jsonb NOT NULL, "
+            "volatile jsonb NOT NULL)"
+        )
+    )
+    if await _scalar(
+        connection,
+        f"SELECT EXISTS (SELECT FROM pg_temp.{STAGING}) "
+        f"OR EXISTS (SELECT FROM pg_temp.{CATALOG_STAGING})",
+    ):
+        # A run on this connection ended without clearing them (e.g. the clear failed).
+        await connection.execute(sa.text(f"TRUNCATE pg_temp.{STAGING}, pg_temp.{CATALOG_STAGING}"))
 
 
 async def clear_staging(connection: AsyncConnection) -> None:
-    """Empties the staging table, if this connection has one (it outlives the run)."""
+    """Empties the staging tables, if this connection has them (they outlive the run)."""
     await connection.execute(
         sa.text(
             f"DO $$ BEGIN IF to_regclass('pg_temp.{STAGING}') IS NOT NULL THEN "
-            f"TRUNCATE pg_temp.{STAGING}; END IF; END $$"
+            f"TRUNCATE pg_temp.{STAGING}; END IF; "
+            f"IF to_regclass('pg_temp.{CATALOG_STAGING}') IS NOT NULL THEN "
+            f"TRUNCATE pg_temp.{CATALOG_STAGING}; END IF; END $$"
         )
     )
 
 
-async def copy_pairs(connection: AsyncConnection, pairs: Sequence[Pair]) -> None:
-    """Appends `pairs` to the staging table with one binary COPY."""
+async def copy_pairs(connection: AsyncConnection, copy_mode: str, pairs: Sequence[Pair]) -> None:
+    """Appends `pairs` of `copy_mode` to the staging table with one binary COPY."""
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection
     await driver.copy_records_to_table(
         STAGING,
-        records=[(job, unique or _NIL, linked) for job, unique, linked in pairs],
-        columns=("job_uid", "unique_job_uid", "linked_job_uid"),
+        records=[(copy_mode, job, unique or _NIL, linked) for job, unique, linked in pairs],
+        columns=("copy_mode", "job_uid", "unique_job_uid", "linked_job_uid"),
+    )
+
+
+async def copy_records(
+    connection: AsyncConnection, collection: str, records: Sequence[Record]
+) -> None:
+    """Appends catalog `records` of `collection` to the catalog staging table (binary COPY)."""
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection
+    await driver.copy_records_to_table(
+        CATALOG_STAGING,
+        records=[(collection, r.uid, r.attributes, r.volatile) for r in records],
+        columns=("collection", "uid", "attributes", "volatile"),
     )
 
 
 async def apply_snapshot(
-    connection: AsyncConnection, run: Run, *, remove_absent: bool
+    connection: AsyncConnection,
+    run: Run,
+    *,
+    remove_absent: bool,
+    copy_mode: str = collections.CopyMode.PERIODIC,
 ) -> ApplyResult:
-    """Opens intervals for new pairs and, if `remove_absent`, closes absent ones.
+    """Opens intervals for new pairs of `copy_mode` and, if `remove_absent`, closes absent
+    ones.
 
-    One statement, one snapshot of `links`. A FULL JOIN of the tenant's open pairs with
-    the staging table finds both sides of the difference in one hash join (a full join
-    cannot degrade into a nested loop, whatever the planner's estimates, and staging
-    needs no ANALYZE); only the differing rows are materialized. New pairs are inserted
-    in the order of `uq_links_open_pair`, so its pages fill sequentially.
+    One statement, one snapshot of `links`. A FULL JOIN of the tenant's open pairs of that
+    mode with the staged ones finds both sides of the difference in one hash join (a full
+    join cannot degrade into a nested loop, whatever the planner's estimates, and staging
+    needs no ANALYZE); only the differing rows are materialized. New pairs are inserted in
+    the order of `uq_links_open_pair`, so its pages fill sequentially.
     """
     # A big tenant's diff costs enough to trigger JIT compilation, which only adds
     # time to a statement of hash joins and plain comparisons.
@@ -184,8 +233,10 @@ async def apply_snapshot(
                     SELECT o.id AS link_id, s.job_uid, s.linked_job_uid, s.unique_job_uid
                       FROM (SELECT id, job_uid, linked_job_uid, unique_job_uid
                               FROM syncd.links
-                             WHERE tenant_id = :tenant_id AND valid_to IS NULL) o
-                      FULL JOIN {STAGING} s
+                             WHERE tenant_id = :tenant_id AND copy_mode = :copy_mode
+                               AND valid_to IS NULL) o
+                      FULL JOIN (SELECT job_uid, linked_job_uid, unique_job_uid
+                                   FROM {STAGING} WHERE copy_mode = :copy_mode) s
                         ON s.job_uid = o.job_uid
                        AND s.linked_job_uid = o.linked_job_uid
                        AND s.unique_job_uid = o.unique_job_uid
@@ -197,10 +248,10 @@ async def apply_snapshot(
                      WHERE :remove_absent AND d.job_uid IS NULL AND l.id = d.link_id
                     RETURNING 1
                 ), added AS (
-                    INSERT INTO syncd.links (tenant_id, job_uid, linked_job_uid,
+                    INSERT INTO syncd.links (tenant_id, copy_mode, job_uid, linked_job_uid,
                                              unique_job_uid, valid_from, opened_run_id)
-                    SELECT CAST(:tenant_id AS integer), d.job_uid, d.linked_job_uid,
-                           d.unique_job_uid, CAST(:started_at AS timestamptz),
+                    SELECT CAST(:tenant_id AS integer), CAST(:copy_mode AS text), d.job_uid,
+                           d.linked_job_uid, d.unique_job_uid, CAST(:started_at AS timestamptz),
                            CAST(:run_id AS bigint)
                       FROM diff d
                      WHERE d.link_id IS NULL
@@ -211,7 +262,8 @@ async def apply_snapshot(
                 SELECT (SELECT count(*) FROM added),
                        (SELECT count(*) FROM closed),
                        (SELECT count(*) FROM syncd.links
-                         WHERE tenant_id = :tenant_id AND valid_to IS NULL)
+                         WHERE tenant_id = :tenant_id AND copy_mode = :copy_mode
+                           AND valid_to IS NULL)
                 """
             ),
             {
@@ -219,48 +271,196 @@ async def apply_snapshot(
                 "run_id": run.id,
                 "started_at": run.started_at,
                 "remove_absent": remove_absent,
+                "copy_mode": str(copy_mode),
             },
         )
     ).one()
     return ApplyResult(added=int(row[0]), removed=int(row[1]), present_before=int(row[2]))
 
 
-async def distinct_staged(connection: AsyncConnection) -> int:
-    """How many distinct pairs the staging table holds."""
+async def open_links(connection: AsyncConnection, tenant_id: int, copy_mode: str) -> int:
+    """How many pairs of `copy_mode` the tenant has now (for a mode not applied this run)."""
     count: int = await _scalar(
-        connection, f"SELECT count(*) FROM (SELECT DISTINCT * FROM {STAGING}) d"
+        connection,
+        "SELECT count(*) FROM syncd.links "
+        "WHERE tenant_id = :tenant_id AND copy_mode = :copy_mode AND valid_to IS NULL",
+        tenant_id=tenant_id,
+        copy_mode=copy_mode,
     )
     return count
 
 
-async def delete_baseline(connection: AsyncConnection, run: Run, window_s: float) -> int:
-    """The most pairs a complete run of the tenant confirmed within `window_s` before `run`.
+# The staged records of one collection, one per uid (pages overlap by one item, and a
+# server may list an item twice: the same one wins every run, so no version flaps).
+_STAGED_RECORDS = f"""
+    SELECT DISTINCT ON (uid) uid, attributes, volatile
+      FROM {CATALOG_STAGING}
+     WHERE collection = :collection
+     ORDER BY uid, attributes, volatile
+"""
+
+
+async def apply_catalog_closes(
+    connection: AsyncConnection, run: Run, collection: str, *, remove_absent: bool
+) -> ApplyResult:
+    """First half of a catalog diff: closes the current version of items whose descriptive
+    fields changed and, if `remove_absent`, of items absent from the snapshot; updates
+    `volatile` in place where only volatile fields changed. `added` is left 0
+    (`apply_catalog_opens` inserts). A no-op writes nothing.
+
+    Closing and opening are two statements: a new open version inserted in the statement
+    that closes the old one would collide with it in `uq_catalog_items_open_item`, which
+    every statement checks against the table as it was when the statement began.
+    """
+    await connection.execute(sa.text("SET LOCAL jit = off"))
+    row = (
+        await connection.execute(
+            sa.text(
+                f"""
+                WITH diff AS MATERIALIZED (
+                    SELECT o.id, o.attributes AS old_attributes, o.volatile AS old_volatile,
+                           s.uid, s.attributes, s.volatile
+                      FROM (SELECT id, uid, attributes, volatile
+                              FROM syncd.catalog_items
+                             WHERE tenant_id = :tenant_id AND collection = :collection
+                               AND valid_to IS NULL) o
+                      FULL JOIN ({_STAGED_RECORDS}) s ON s.uid = o.uid
+                     WHERE o.id IS NULL OR s.uid IS NULL
+                        OR o.attributes IS DISTINCT FROM s.attributes
+                        OR o.volatile IS DISTINCT FROM s.volatile
+                ), closed AS (
+                    UPDATE syncd.catalog_items c
+                       SET valid_to = :started_at, closed_run_id = :run_id
+                      FROM diff d
+                     WHERE c.id = d.id
+                       AND ((d.uid IS NULL AND :remove_absent)
+                            OR (d.uid IS NOT NULL AND d.old_attributes <> d.attributes))
+                    RETURNING d.uid IS NULL AS removed
+                ), refreshed AS (
+                    UPDATE syncd.catalog_items c
+                       SET volatile = d.volatile
+                      FROM diff d
+                     WHERE c.id = d.id AND d.uid IS NOT NULL
+                       AND d.old_attributes = d.attributes AND d.old_volatile <> d.volatile
+                    RETURNING 1
+                )
+                SELECT (SELECT count(*) FILTER (WHERE removed) FROM closed),
+                       (SELECT count(*) FILTER (WHERE NOT removed) FROM closed),
+                       (SELECT count(*) FROM refreshed),
+                       (SELECT count(*) FROM syncd.catalog_items
+                         WHERE tenant_id = :tenant_id AND collection = :collection
+                           AND valid_to IS NULL)
+                """
+            ),
+            {
+                "tenant_id": run.tenant_id,
+                "collection": collection,
+                "run_id": run.id,
+                "started_at": run.started_at,
+                "remove_absent": remove_absent,
+            },
+        )
+    ).one()
+    return ApplyResult(
+        added=0,
+        removed=int(row[0]),
+        changed=int(row[1]),
+        refreshed=int(row[2]),
+        present_before=int(row[3]),
+    )
+
+
+async def apply_catalog_opens(connection: AsyncConnection, run: Run, collection: str) -> int:
+    """Second half of a catalog diff: inserts a current version for every staged item that
+    has none (new items, and the next version of those `apply_catalog_closes` just closed,
+    which keep their `first_seen_at`). Returns the rows inserted."""
+    inserted: int = await _scalar(
+        connection,
+        f"""
+        WITH added AS (
+            INSERT INTO syncd.catalog_items (tenant_id, collection, uid, attributes, volatile,
+                                             first_seen_at, valid_from, opened_run_id)
+            SELECT CAST(:tenant_id AS integer), CAST(:collection AS text), s.uid, s.attributes,
+                   s.volatile, coalesce(previous.first_seen_at, CAST(:started_at AS timestamptz)),
+                   CAST(:started_at AS timestamptz), CAST(:run_id AS bigint)
+              FROM ({_STAGED_RECORDS}) s
+              LEFT JOIN syncd.catalog_items previous
+                     ON previous.tenant_id = :tenant_id AND previous.collection = :collection
+                    AND previous.uid = s.uid AND previous.closed_run_id = :run_id
+             WHERE NOT EXISTS (
+                    SELECT FROM syncd.catalog_items o
+                     WHERE o.tenant_id = :tenant_id AND o.collection = :collection
+                       AND o.uid = s.uid AND o.valid_to IS NULL)
+             ORDER BY s.uid
+            RETURNING 1
+        )
+        SELECT count(*) FROM added
+        """,
+        tenant_id=run.tenant_id,
+        collection=collection,
+        run_id=run.id,
+        started_at=run.started_at,
+    )
+    return inserted
+
+
+async def distinct_staged(connection: AsyncConnection, collection: collections.Collection) -> int:
+    """How many distinct items of `collection` the staging tables hold."""
+    if collection.kind is collections.Kind.LINKS:
+        statement = (
+            f"SELECT count(*) FROM (SELECT DISTINCT job_uid, unique_job_uid, linked_job_uid "
+            f"FROM {STAGING} WHERE copy_mode = :key) d"
+        )
+        key = str(collection.copy_mode)
+    else:
+        statement = f"SELECT count(DISTINCT uid) FROM {CATALOG_STAGING} WHERE collection = :key"
+        key = collection.name
+    count: int = await _scalar(connection, statement, key=key)
+    return count
+
+
+async def delete_baseline(
+    connection: AsyncConnection,
+    run: Run,
+    window_s: float,
+    collection: str = collections.BACKUP_COPY_JOB_OBJECTS.name,
+) -> int:
+    """The most items of `collection` a run of the tenant confirmed (the collection
+    succeeded) within `window_s` before `run`.
 
     Runs before the tenant's `delete_baseline_since` (an allowed mass delete) are left out.
-    0 when there is none.
+    Runs from before syncd kept several collections (no `collections`) count for the
+    periodic links, the only collection they read. 0 when there is none.
     """
     baseline: int = await _scalar(
         connection,
         """
-        SELECT coalesce(max(r.pairs_seen), 0)
+        SELECT coalesce(max(CASE
+                   WHEN r.collections IS NULL THEN r.pairs_seen
+                   ELSE (r.collections -> CAST(:collection AS text) ->> 'seen')::bigint END), 0)
           FROM syncd.runs r
           JOIN syncd.tenants t ON t.id = r.tenant_id
          WHERE r.tenant_id = :tenant_id
-           AND r.status = :succeeded
            AND r.started_at >= CAST(:started_at AS timestamptz) - make_interval(secs => :window_s)
            AND r.started_at >= coalesce(t.delete_baseline_since, '-infinity')
+           AND CASE WHEN r.collections IS NULL
+                    THEN :legacy AND r.status = :succeeded
+                    ELSE r.collections -> CAST(:collection AS text) ->> 'status' = :succeeded
+               END
         """,
         tenant_id=run.tenant_id,
         succeeded=RunStatus.SUCCEEDED,
         started_at=run.started_at,
         window_s=window_s,
+        collection=collection,
+        legacy=collection == collections.BACKUP_COPY_JOB_OBJECTS.name,
     )
     return baseline
 
 
 @dataclass(frozen=True)
 class RunTotals:
-    """What a finished run records in its row."""
+    """What a finished run records in its row (and its tenant's)."""
 
     status: RunStatus
     pages_fetched: int
@@ -268,42 +468,52 @@ class RunTotals:
     added: int
     removed: int
     error: str | None
-    current_pairs: int
+    # Pairs of both modes stored now; None leaves the tenant's count as it is (nothing
+    # applied).
+    current_pairs: int | None
+    # Each collection's outcome, by name (`sync_runs.collections`).
+    collections: Mapping[str, Mapping[str, object]]
+    # Every link collection the tenant has pairs of was complete and applied: the
+    # tenant's pairs are confirmed as of this run.
+    confirmed: bool
+    unavailable: Sequence[str] = ()
 
 
 async def finish_run(
     connection: AsyncConnection, run: Run, totals: RunTotals, *, reset_baseline: bool = False
 ) -> None:
     """Closes the run and updates the tenant's bookkeeping, in the caller's transaction (so
-    data and run status commit together). A succeeded run confirms the snapshot;
+    data and run status commit together): two row updates, whatever the collection count.
     `reset_baseline` starts the mass-delete guard's baseline afresh at this run."""
-    confirmed = totals.status is RunStatus.SUCCEEDED
     await connection.execute(
         sa.text(
             """
             UPDATE syncd.tenants
-               SET current_pairs = :current_pairs,
+               SET current_pairs = coalesce(:current_pairs, current_pairs),
                    confirmed_run_id = CASE WHEN :confirmed THEN :run_id ELSE confirmed_run_id END,
                    confirmed_at = CASE WHEN :confirmed THEN :started_at ELSE confirmed_at END,
                    delete_baseline_since = CASE WHEN :reset_baseline THEN :started_at
-                                                ELSE delete_baseline_since END
+                                                ELSE delete_baseline_since END,
+                   unavailable_collections = CAST(:unavailable AS text[])
              WHERE id = :tenant_id
             """
         ),
         {
             "current_pairs": totals.current_pairs,
-            "confirmed": confirmed,
+            "confirmed": totals.confirmed,
             "reset_baseline": reset_baseline,
             "run_id": run.id,
             "started_at": run.started_at,
             "tenant_id": run.tenant_id,
+            "unavailable": list(totals.unavailable),
         },
     )
     await connection.execute(
         sa.text(
             "UPDATE syncd.runs SET status = :status, finished_at = now(), "
             "pages_fetched = :pages_fetched, pairs_seen = :pairs_seen, "
-            "pairs_added = :added, pairs_removed = :removed, error = :error "
+            "pairs_added = :added, pairs_removed = :removed, error = :error, "
+            "collections = CAST(:collections AS jsonb) "
             "WHERE id = :run_id"
         ),
         {
@@ -313,6 +523,7 @@ async def finish_run(
             "added": totals.added,
             "removed": totals.removed,
             "error": totals.error,
+            "collections": orjson.dumps(totals.collections).decode(),
             "run_id": run.id,
         },
     )
@@ -344,9 +555,13 @@ async def read_tenant_status(engine: AsyncEngine) -> list[status.TenantStatus]:
             rows = (
                 await connection.execute(
                     sa.text(
-                        "SELECT tenant, last_run_at, last_status, last_success_at, "
-                        "current_pairs, extract(epoch FROM now() - last_success_at) "
-                        "FROM syncd.tenant_status ORDER BY tenant"
+                        "SELECT s.tenant, s.last_run_at, s.last_status, s.last_success_at, "
+                        "s.current_pairs, extract(epoch FROM now() - s.last_success_at), "
+                        "last_run.collections "
+                        "FROM syncd.tenant_status s JOIN syncd.tenants t ON t.name = s.tenant "
+                        "LEFT JOIN LATERAL (SELECT r.collections FROM syncd.runs r "
+                        "WHERE r.tenant_id = t.id ORDER BY r.id DESC LIMIT 1) last_run ON true "
+                        "ORDER BY s.tenant"
                     )
                 )
             ).all()
@@ -358,6 +573,7 @@ async def read_tenant_status(engine: AsyncEngine) -> list[status.TenantStatus]:
             last_success_at=row[3],
             pairs=int(row[4]),
             age_s=None if row[5] is None else float(row[5]),
+            collections=row[6],
         )
         for row in rows
     ]

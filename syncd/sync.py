@@ -2,12 +2,16 @@
 
 1. Take the tenant's advisory lock (another process syncing it: skip as busy).
 2. Close runs a dead process left `running`; record this run as `running`.
-3. Stream pages from VSPC into a temporary staging table with COPY.
-4. Complete snapshot: one transaction applies adds and removals and finishes the run
-   (`succeeded`), unless the mass-delete guard withholds the removals (`partial`).
-   Incomplete snapshot: adds only, removals withheld (`partial`); nothing fetched: `failed`.
-5. Anything else (the tenant's error, a bound, the database, a bug) rolls back and records
-   the run as `failed`; cancellation records it as interrupted and propagates.
+3. Fetch every configured collection concurrently (one bound of `max_concurrent_pages` for
+   the whole tenant) and stream their pages into temporary staging tables with COPY.
+4. One transaction applies each collection and finishes the run. Per collection: complete
+   snapshot, adds and removals (`succeeded`) unless the mass-delete guard withholds the
+   removals (`partial`); incomplete, adds and changes only (`partial`); failed, nothing
+   (`failed`); 404 on its first page, nothing and no failure (`unavailable`). The run
+   succeeds when every available collection did, fails when all of them failed, and is
+   `partial` otherwise.
+5. Anything else (a bound of the whole run, the database, a bug) rolls back and records the
+   run as `failed`; cancellation records it as interrupted and propagates.
 
 `sync_tenant` returns a `SyncResult` whatever happens inside (cancellation aside), so one
 tenant can never take down another tenant's run. Every message it stores or returns has its
@@ -20,29 +24,64 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from syncd import config, db, errors, logs, store, vspc
+from syncd import collections, config, db, errors, logs, store, vspc
+from syncd.collections import Collection, Kind
+from syncd.collections import Status as CollectionStatus
 from syncd.models import RunStatus
-from syncd.paging import Page, Pair, SnapshotOutcome
+from syncd.paging import Page, Pair, Record, SnapshotOutcome
 
 log = structlog.get_logger(__name__)
 
-# Pairs buffered before one COPY: large enough that COPY's per-call cost vanishes, small
-# enough that memory stays a few MB whatever the snapshot's size.
+# Items buffered before one COPY: large enough that COPY's per-call cost vanishes, small
+# enough that memory stays a few MB whatever the snapshot's size (catalog records are
+# larger than pairs).
 COPY_BATCH_PAIRS = 20_000
+COPY_BATCH_RECORDS = 5_000
 BUSY = "busy: another syncd process is syncing this tenant"
 INTERRUPTED = "interrupted: syncd was stopped"
 
 
 @dataclass(frozen=True)
+class CollectionResult:
+    """How one collection of one run ended (an entry of `sync_runs.collections`)."""
+
+    status: CollectionStatus
+    pages: int = 0
+    seen: int = 0
+    added: int = 0
+    removed: int = 0
+    changed: int = 0  # catalog items given a new version
+    error: str | None = None
+    # Items stored after the run; None when nothing was applied.
+    current: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The form stored in `runs.collections` and shown by `/status`."""
+        return {
+            "status": str(self.status),
+            "pages": self.pages,
+            "seen": self.seen,
+            "added": self.added,
+            "removed": self.removed,
+            "changed": self.changed,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
 class SyncResult:
-    """The outcome of one tenant's run, as the CLI summary and the daemon's metrics see it."""
+    """The outcome of one tenant's run, as the CLI summary and the daemon's metrics see it.
+
+    `pairs_seen`, `added`, `removed` and `current_pairs` count the links of both copy modes;
+    `collections` has each collection's own outcome.
+    """
 
     tenant: str
     status: RunStatus
@@ -56,6 +95,7 @@ class SyncResult:
     current_pairs: int | None = None
     # The database failed, not the tenant: a scheduler retries soon rather than backing off.
     database_failure: bool = False
+    collections: Mapping[str, CollectionResult] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -79,11 +119,13 @@ def mass_delete_verdict(
     baseline: int,
     snapshot_empty: bool,
     settings: config.SyncSettings,
+    noun: str = "pairs",
 ) -> str | None:
     """Why a complete snapshot's removals must be withheld, or None when they may go ahead.
 
-    Removals are judged against the larger of the pairs stored now and `baseline`, the
-    most pairs a complete run confirmed within `delete_baseline_window`: a server that
+    Judged per collection (`noun` names its items). Removals are judged against the larger
+    of the items stored now and `baseline`, the most items a complete snapshot of the
+    collection confirmed within `delete_baseline_window`: a server that
     shrinks the collection a little on every run cannot drain it run by run. They are
     withheld when they would leave fewer than (1 - max_delete_fraction) of that reference,
     unless the whole drop from it is within `mass_delete_floor`. An empty snapshot where
@@ -93,7 +135,7 @@ def mass_delete_verdict(
     if removals == 0:
         return None
     if snapshot_empty:
-        return f"the snapshot is empty but {present_before} pair(s) are stored"
+        return f"the snapshot is empty but {present_before} {noun} are stored"
     reference = max(baseline, present_before)
     kept = present_before - removals
     keep_at_least = (1 - settings.max_delete_fraction) * reference
@@ -101,9 +143,9 @@ def mass_delete_verdict(
         return None
     window = f"{settings.delete_baseline_window_s / 86400:g} day(s)"
     return (
-        f"the snapshot would remove {removals} of {present_before} stored pairs, leaving "
+        f"the snapshot would remove {removals} of {present_before} stored {noun}, leaving "
         f"{kept}: fewer than {1 - settings.max_delete_fraction:.0%} of {reference}, the most "
-        f"pairs stored or confirmed in the last {window} "
+        f"{noun} stored or confirmed in the last {window} "
         f"(max_delete_fraction {settings.max_delete_fraction:.0%})"
     )
 
@@ -138,29 +180,65 @@ class _RunFailed(Exception):
 
 
 class _Stager:
-    """Collects pages into COPY batches; counts what arrived."""
+    """Collects each collection's pages into COPY batches; counts what arrived.
+
+    The collections of a run arrive concurrently on one connection: a lock keeps their
+    COPYs one at a time (a connection runs one statement at once).
+    """
 
     def __init__(self, connection: AsyncConnection, tenant: str, progress: ProgressSink | None):
         self._connection = connection
         self._tenant = tenant
         self._progress = progress
-        self._buffer: list[Pair] = []
+        self._lock = asyncio.Lock()
+        self._pairs: dict[str, list[Pair]] = {}
+        self._records: dict[str, list[Record]] = {}
+        self._link_totals: dict[str, int] = {}
         self.pages = 0
-        self.pairs = 0
+        self.pages_of: dict[str, int] = {}
+        self.items_of: dict[str, int] = {}
 
-    async def on_page(self, page: Page) -> None:
-        self.pages += 1
-        self.pairs += len(page.pairs)
-        self._buffer.extend(page.pairs)
-        if len(self._buffer) >= COPY_BATCH_PAIRS:
-            await self.flush()
-        if self._progress is not None:
-            self._progress.advance(self._tenant, len(page.pairs), page.total)
+    def sink(self, collection: Collection) -> Callable[[Page], Awaitable[None]]:
+        """The `on_page` of `collection`'s snapshot."""
+        name = collection.name
+        self.pages_of[name] = self.items_of[name] = 0
+        self._pairs[name], self._records[name] = [], []
+
+        async def on_page(page: Page) -> None:
+            self.pages += 1
+            self.pages_of[name] += 1
+            self.items_of[name] += page.count
+            if collection.kind is Kind.LINKS:
+                self._pairs[name].extend(page.pairs)
+                if len(self._pairs[name]) >= COPY_BATCH_PAIRS:
+                    await self._flush(collection)
+                if self._progress is not None:
+                    self._link_totals[name] = page.total
+                    total = sum(self._link_totals.values())
+                    self._progress.advance(self._tenant, len(page.pairs), total)
+            else:
+                self._records[name].extend(page.records)
+                if len(self._records[name]) >= COPY_BATCH_RECORDS:
+                    await self._flush(collection)
+
+        return on_page
+
+    async def _flush(self, collection: Collection) -> None:
+        name = collection.name
+        pairs, records = self._pairs[name], self._records[name]
+        self._pairs[name], self._records[name] = [], []
+        if not pairs and not records:
+            return
+        async with self._lock:
+            if collection.copy_mode is not None:
+                await store.copy_pairs(self._connection, collection.copy_mode, pairs)
+            else:
+                await store.copy_records(self._connection, name, records)
 
     async def flush(self) -> None:
-        if self._buffer:
-            await store.copy_pairs(self._connection, self._buffer)
-            self._buffer = []
+        """COPYs what every collection still buffers."""
+        for name in self.pages_of:
+            await self._flush(collections.COLLECTIONS[name])
 
 
 @dataclass(frozen=True)
@@ -253,19 +331,36 @@ async def _run_lifecycle(
 
 
 @dataclass(frozen=True)
+class _Fetched:
+    """What fetching one collection gave: a snapshot outcome, or why there is none."""
+
+    collection: Collection
+    outcome: SnapshotOutcome | None = None
+    error: str | None = None
+    unavailable: bool = False
+
+
+@dataclass(frozen=True)
 class _Applied:
     status: RunStatus
     pairs_seen: int
     added: int
     removed: int
-    current_pairs: int
+    current_pairs: int | None
     error: str | None
+    collections: dict[str, CollectionResult]
+    confirmed: bool
+    unavailable: tuple[str, ...]
+
+
+ApplyFunction = Callable[[bool], Awaitable[store.ApplyResult]]
 
 
 async def _apply_guarded(
-    active: _ActiveRun, settings: config.SyncSettings
+    active: _ActiveRun, collection: Collection, settings: config.SyncSettings, apply: ApplyFunction
 ) -> tuple[store.ApplyResult, str | None]:
-    """Applies a complete snapshot under the mass-delete guard; (result, verdict).
+    """Applies a complete snapshot of `collection` under the mass-delete guard; (result,
+    verdict). `apply(remove_absent)` runs the collection's diff (its removing part).
 
     Applies first and judges after, inside a savepoint: in the usual case (the guard lets
     the removals through) the diff runs once, with no counting pass before it. When the
@@ -273,57 +368,170 @@ async def _apply_guarded(
     """
     connection, run = active.connection, active.run
     savepoint = await connection.begin_nested()
-    applied = await store.apply_snapshot(connection, run, remove_absent=True)
+    applied = await apply(True)
     verdict = None
     if applied.removed:
         verdict = mass_delete_verdict(
             removals=applied.removed,
             present_before=applied.present_before,
             baseline=await store.delete_baseline(
-                connection, run, settings.delete_baseline_window_s
+                connection, run, settings.delete_baseline_window_s, collection.name
             ),
-            snapshot_empty=active.stager.pairs == 0,
+            snapshot_empty=active.stager.items_of[collection.name] == 0,
             settings=settings,
+            noun=collection.noun,
         )
     if verdict is None:
         await savepoint.commit()
         return applied, None
     await savepoint.rollback()
-    return await store.apply_snapshot(connection, run, remove_absent=False), verdict
+    return await apply(False), verdict
+
+
+async def _apply_collection(
+    active: _ActiveRun,
+    collection: Collection,
+    outcome: SnapshotOutcome,
+    settings: config.SyncSettings,
+    allow_mass_delete: bool,
+) -> CollectionResult:
+    """Applies one collection's staged snapshot (uncommitted)."""
+    connection, run = active.connection, active.run
+
+    async def apply(remove_absent: bool) -> store.ApplyResult:
+        if collection.copy_mode is not None:
+            return await store.apply_snapshot(
+                connection, run, remove_absent=remove_absent, copy_mode=collection.copy_mode
+            )
+        return await store.apply_catalog_closes(
+            connection, run, collection.name, remove_absent=remove_absent
+        )
+
+    verdict: str | None = None
+    if not outcome.complete:
+        applied = await apply(False)
+        error: str | None = "incomplete snapshot, removals withheld: " + "; ".join(outcome.problems)
+        status = CollectionStatus.PARTIAL
+    elif allow_mass_delete:
+        applied, error, status = await apply(True), None, CollectionStatus.SUCCEEDED
+    else:
+        applied, verdict = await _apply_guarded(active, collection, settings, apply)
+        status = CollectionStatus.SUCCEEDED if verdict is None else CollectionStatus.PARTIAL
+        error = None
+        if verdict is not None:
+            error = (
+                f"mass-delete guard: {verdict}; added {collection.noun} were stored, removals "
+                f"withheld. If the removals are real, run: syncd sync --tenant {run.tenant} "
+                "--allow-mass-delete"
+            )
+    added, changed = applied.added, applied.changed
+    if collection.kind is Kind.CATALOG:
+        # New versions of changed items are inserted along with new items.
+        added = await store.apply_catalog_opens(connection, run, collection.name) - changed
+    present_after = applied.present_before + added - applied.removed
+    # Succeeded: the items stored now are exactly the snapshot's distinct items.
+    seen = (
+        present_after
+        if status is CollectionStatus.SUCCEEDED
+        else await store.distinct_staged(connection, collection)
+    )
+    return CollectionResult(
+        status=status,
+        pages=active.stager.pages_of[collection.name],
+        seen=seen,
+        added=added,
+        removed=applied.removed,
+        changed=changed,
+        error=error,
+        current=present_after,
+    )
+
+
+def _run_status(results: Mapping[str, CollectionResult]) -> RunStatus:
+    """Succeeded when every available collection did; failed when every one failed (or none
+    is available); partial otherwise."""
+    available = [r.status for r in results.values() if r.status != CollectionStatus.UNAVAILABLE]
+    if all(status == CollectionStatus.FAILED for status in available):
+        return RunStatus.FAILED
+    if all(status == CollectionStatus.SUCCEEDED for status in available):
+        return RunStatus.SUCCEEDED
+    return RunStatus.PARTIAL
+
+
+def _run_error(results: Mapping[str, CollectionResult]) -> str | None:
+    """The failed and partial collections' messages, each message once with its collections."""
+    by_message: dict[str, list[str]] = {}
+    for name, result in results.items():
+        if result.error and result.status in (CollectionStatus.FAILED, CollectionStatus.PARTIAL):
+            by_message.setdefault(result.error, []).append(name)
+    if not by_message:
+        if results and all(r.status == CollectionStatus.UNAVAILABLE for r in results.values()):
+            return (
+                "no collection is available: the server answered 404 for every one "
+                f"({', '.join(results)}); is url the VSPC server's root?"
+            )
+        return None
+    return "; ".join(f"{', '.join(names)}: {message}" for message, names in by_message.items())
 
 
 async def _apply(
     active: _ActiveRun,
-    outcome: SnapshotOutcome,
+    fetched: Sequence[_Fetched],
     settings: config.SyncSettings,
     allow_mass_delete: bool,
+    clean: Callable[[str], str],
 ) -> _Applied:
-    """Applies the staged snapshot and finishes the run, in one transaction (uncommitted)."""
-    connection, run = active.connection, active.run
-    if not outcome.complete:
-        applied = await store.apply_snapshot(connection, run, remove_absent=False)
-        error: str | None = "incomplete snapshot, removals withheld: " + "; ".join(outcome.problems)
-        status = RunStatus.PARTIAL
-    elif allow_mass_delete:
-        applied, error = await store.apply_snapshot(connection, run, remove_absent=True), None
-        status = RunStatus.SUCCEEDED
-    else:
-        applied, verdict = await _apply_guarded(active, settings)
-        status = RunStatus.SUCCEEDED if verdict is None else RunStatus.PARTIAL
-        error = None
-        if verdict is not None:
-            error = (
-                f"mass-delete guard: {verdict}; added pairs were stored, removals withheld. "
-                f"If the removals are real, run: syncd sync --tenant {run.tenant} "
-                "--allow-mass-delete"
+    """Applies every collection that was fetched (uncommitted) and sums up the run."""
+    results: dict[str, CollectionResult] = {}
+    for item in fetched:
+        name = item.collection.name
+        if item.outcome is not None:
+            result = await _apply_collection(
+                active, item.collection, item.outcome, settings, allow_mass_delete
             )
-    # Succeeded: the open pairs now are exactly the snapshot's distinct pairs.
-    seen = (
-        applied.present_after
-        if status is RunStatus.SUCCEEDED
-        else await store.distinct_staged(connection)
+        else:
+            missing = CollectionStatus.UNAVAILABLE if item.unavailable else CollectionStatus.FAILED
+            result = CollectionResult(
+                status=missing,
+                pages=active.stager.pages_of.get(name, 0),
+                error=item.error,
+            )
+        if result.error is not None:
+            result = dataclasses.replace(result, error=clean(result.error))
+        results[name] = result
+    status = _run_status(results)
+    links = [(c, results.get(c.name)) for c in collections.LINK_COLLECTIONS]
+    applied_links = [r for _, r in links if r is not None and r.current is not None]
+    current_pairs: int | None = None
+    confirmed = False
+    if status is not RunStatus.FAILED:
+        # Pairs of a mode not applied this run (failed, unavailable, not configured) still
+        # count; and the tenant's pairs are confirmed only if none of them exist.
+        unapplied = 0
+        for collection, link_result in links:
+            if link_result is None or link_result.current is None:
+                assert collection.copy_mode is not None
+                unapplied += await store.open_links(
+                    active.connection, active.run.tenant_id, collection.copy_mode
+                )
+        current_pairs = sum(r.current or 0 for r in applied_links) + unapplied
+        confirmed = unapplied == 0 and all(
+            r.status == CollectionStatus.SUCCEEDED for r in applied_links
+        )
+    error = _run_error(results)
+    return _Applied(
+        status=status,
+        pairs_seen=sum(r.seen for r in applied_links),
+        added=sum(r.added for r in applied_links),
+        removed=sum(r.removed for r in applied_links),
+        current_pairs=current_pairs,
+        error=None if error is None else clean(error),
+        collections=results,
+        confirmed=confirmed,
+        unavailable=tuple(
+            name for name, r in results.items() if r.status == CollectionStatus.UNAVAILABLE
+        ),
     )
-    return _Applied(status, seen, applied.added, applied.removed, applied.present_after, error)
 
 
 # --- the one entry point -------------------------------------------------------------------
@@ -393,9 +601,10 @@ async def sync_tenant(
         duration_s=time.monotonic() - started,
         error=applied.error,
         current_pairs=applied.current_pairs,
+        collections=applied.collections,
     )
-    log.info(
-        "sync finished",
+    (log.error if result.status is RunStatus.FAILED else log.info)(
+        "sync failed" if result.status is RunStatus.FAILED else "sync finished",
         tenant=tenant.name,
         run_id=result.run_id,
         status=str(result.status),
@@ -417,9 +626,10 @@ async def _fetch_and_apply(
     clean: Callable[[str], str],
     allow_mass_delete: bool,
 ) -> _Applied:
-    """Fetches the snapshot into staging and applies it, all within `run_timeout`; commits.
+    """Fetches the snapshots into staging and applies them, all within `run_timeout`;
+    commits.
 
-    The run's message (server text among it) passes through `clean` before it is stored.
+    The run's messages (server text among them) pass through `clean` before they are stored.
     """
     settings = tenant.settings
     deadline = asyncio.timeout(settings.run_timeout_s)
@@ -427,11 +637,10 @@ async def _fetch_and_apply(
         async with deadline:
             await store.prepare_staging(active.connection)
             async with vspc.open_client(tenant, observer=observer, on_secret=on_secret) as client:
-                outcome = await client.fetch_snapshot(active.stager.on_page)
+                fetched = await _fetch(client, active, collections.by_names(settings.collections))
             await active.stager.flush()
-            applied = await _apply(active, outcome, settings, allow_mass_delete)
-            if applied.error is not None:
-                applied = dataclasses.replace(applied, error=clean(applied.error))
+            applied = await _apply(active, fetched, settings, allow_mass_delete, clean)
+            _log_availability(tenant.name, active.run.unavailable_before, applied.unavailable)
             await store.finish_run(
                 active.connection,
                 active.run,
@@ -443,6 +652,11 @@ async def _fetch_and_apply(
                     removed=applied.removed,
                     error=applied.error,
                     current_pairs=applied.current_pairs,
+                    collections={
+                        name: result.as_json() for name, result in applied.collections.items()
+                    },
+                    confirmed=applied.confirmed,
+                    unavailable=applied.unavailable,
                 ),
                 reset_baseline=allow_mass_delete and applied.status is RunStatus.SUCCEEDED,
             )
@@ -457,6 +671,49 @@ async def _fetch_and_apply(
             key="run_timeout",
         ) from exc
     return applied
+
+
+async def _fetch(
+    client: vspc.VspcClient, active: _ActiveRun, wanted: Sequence[Collection]
+) -> list[_Fetched]:
+    """Fetches every collection in `wanted` concurrently into staging, under one bound of
+    pages in flight for the tenant. A collection's `TenantError` is its own outcome; any
+    other exception (the database, a bug) cancels the others and propagates."""
+    slots = client.page_slots()
+
+    async def one(collection: Collection) -> _Fetched:
+        try:
+            outcome = await client.fetch_snapshot(
+                active.stager.sink(collection), collection=collection, slots=slots
+            )
+        except errors.CollectionUnavailable as exc:
+            return _Fetched(collection, error=str(exc), unavailable=True)
+        except errors.TenantError as exc:
+            return _Fetched(collection, error="; ".join(errors.cause_chain(exc)))
+        return _Fetched(collection, outcome=outcome)
+
+    tasks = [asyncio.create_task(one(collection)) for collection in wanted]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _log_availability(tenant: str, before: Sequence[str], now: Sequence[str]) -> None:
+    """Says once when a collection becomes unavailable (or available again), not every run."""
+    for name in now:
+        if name not in before:
+            log.warning(
+                "collection unavailable: the server answered 404 (an older VSPC); recorded as "
+                "unavailable, not as a failure",
+                tenant=tenant,
+                collection=name,
+            )
+    for name in before:
+        if name not in now:
+            log.info("collection no longer unavailable", tenant=tenant, collection=name)
 
 
 # --- many tenants --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The VSPC REST API client: the only code that speaks HTTP to VSPC.
 
-One `aiohttp.ClientSession` per tenant, owned by `open_client`. Requests are retried here
+One `aiohttp.ClientSession` per tenant, owned by `open_client`, shared by the tenant's
+collections (their specs, in `collections.py`, give path and sort). Requests are retried here
 (decisions in `retry.py`), pages are checked and snapshots judged in `paging.py`. What
 escapes this module is a `errors.TenantError` subclass (or `asyncio.CancelledError`):
 aiohttp and JSON errors are translated where they happen.
@@ -30,9 +31,10 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 import syncd
-from syncd import config, errors, paging, retry
+from syncd import collections, config, errors, paging, retry
+from syncd.collections import Collection
 
-JOB_OBJECTS_PATH = "/api/v3/infrastructure/backupServers/jobs/backupCopyJobs/jobObjects"
+JOB_OBJECTS_PATH = collections.BACKUP_COPY_JOB_OBJECTS.path
 TOKEN_PATH = "/api/v3/token"  # noqa: S105 - a path, not a password
 DEFAULT_TOKEN_LIFETIME_S = 3600.0  # VSPC's default, for a token answer without expires_in
 _MFA_HINTS = ("multi-factor", "multifactor", "mfa", "two-factor", "2fa")
@@ -128,7 +130,7 @@ async def open_client(
 
 
 class VspcClient:
-    """Reads one tenant's backup copy job objects. Build it with `open_client`."""
+    """Reads one tenant's collections. Build it with `open_client`."""
 
     def __init__(
         self,
@@ -167,33 +169,48 @@ class VspcClient:
         """How this client authenticates: "api_key" or "password"."""
         return self._tenant.auth.method
 
-    async def fetch_first_page(self, limit: int = 1) -> paging.Page:
-        """Authenticates and fetches the first page (for `syncd check`); TenantError if not."""
+    def page_slots(self) -> asyncio.Semaphore:
+        """A bound of `max_concurrent_pages` pages in flight, for snapshots that share it."""
+        return asyncio.Semaphore(self._settings.max_concurrent_pages)
+
+    async def fetch_first_page(
+        self, limit: int = 1, *, collection: Collection = collections.BACKUP_COPY_JOB_OBJECTS
+    ) -> paging.Page:
+        """Authenticates and fetches the first page (for `syncd check`); TenantError if not,
+        `CollectionUnavailable` when the server has no such collection."""
         limit = max(1, min(limit, paging.MAX_PAGE_SIZE))
-        return await self._fetch_page(0, limit, None)
+        return await self._fetch_first(limit, collection, self.page_slots())
 
     async def fetch_snapshot(
-        self, on_page: Callable[[paging.Page], Awaitable[None]]
+        self,
+        on_page: Callable[[paging.Page], Awaitable[None]],
+        *,
+        collection: Collection = collections.BACKUP_COPY_JOB_OBJECTS,
+        slots: asyncio.Semaphore | None = None,
     ) -> paging.SnapshotOutcome:
-        """Reads the whole collection, awaiting `on_page` for each page as it arrives.
+        """Reads the whole `collection`, awaiting `on_page` for each page as it arrives.
 
-        The first page decides: if it cannot be had, a `TenantError` is raised. Later pages
-        are fetched concurrently (at most `max_concurrent_pages`); one that fails or fails a
-        check makes the outcome incomplete but the others go on. `on_page` is never run
-        concurrently with itself; if it raises, outstanding fetches are cancelled and the
-        exception propagates. An `AuthError`, `TransportError` or `BoundExceeded`
-        mid-snapshot also ends it (and propagates): every later page would fail too, and
-        each would try the password again or read another oversized body.
+        The first page decides: if it cannot be had, a `TenantError` is raised
+        (`CollectionUnavailable` for a 404: the server has no such collection). Later pages
+        are fetched concurrently; one that fails or fails a check makes the outcome
+        incomplete but the others go on. Every page fetch, the first included, holds one of
+        `slots` (default: a bound of `max_concurrent_pages` of its own): snapshots of one
+        tenant's collections that share `slots` keep `max_concurrent_pages` for the whole
+        tenant. `on_page` is never run concurrently with itself; if it raises, outstanding
+        fetches are cancelled and the exception propagates. An `AuthError`,
+        `TransportError` or `BoundExceeded` mid-snapshot also ends it (and propagates):
+        every later page would fail too, and each would try the password again or read
+        another oversized body.
         """
+        slots = slots if slots is not None else self.page_slots()
+        log = self._log.bind(collection=collection.name)
         limit = min(self._settings.page_size, paging.MAX_PAGE_SIZE)
-        first = await self._fetch_page(0, limit, None)
+        first = await self._fetch_first(limit, collection, slots)
         tracker = paging.SnapshotTracker(
             tenant=self._tenant.name, limit=limit, max_total=self._settings.max_total
         )
         offsets = tracker.start(first)
-        self._log.info(
-            "snapshot started", total=tracker.total, pages=len(offsets) + 1, page_size=limit
-        )
+        log.info("snapshot started", total=tracker.total, pages=len(offsets) + 1, page_size=limit)
         pending = iter(offsets)
         workers = min(self._settings.max_concurrent_pages, len(offsets))
         # Bounded: at most `workers` pages in flight plus `workers` waiting for on_page.
@@ -205,7 +222,7 @@ class VspcClient:
             for offset in pending:
                 result: paging.Page | _PageFailure | Exception
                 try:
-                    result = await self._fetch_page(offset, limit, tracker.total)
+                    result = await self._fetch_page(offset, limit, tracker.total, collection, slots)
                 except (errors.AuthError, errors.TransportError, errors.BoundExceeded) as exc:
                     await results.put(exc)
                     return
@@ -225,7 +242,7 @@ class VspcClient:
                     tracker.record(result)
                     await on_page(result)
                 elif isinstance(result, _PageFailure):
-                    self._log.warning("page failed", reason=result.reason)
+                    log.warning("page failed", reason=result.reason)
                     tracker.record_failure(result.reason)
                 else:
                     raise result
@@ -234,7 +251,7 @@ class VspcClient:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         outcome = tracker.outcome()
-        self._log.info(
+        log.info(
             "snapshot fetched",
             complete=outcome.complete,
             total=outcome.total,
@@ -243,18 +260,42 @@ class VspcClient:
             problems=len(outcome.problems),
         )
         for problem in outcome.problems:
-            self._log.warning("snapshot incomplete", problem=problem)
+            log.warning("snapshot incomplete", problem=problem)
         return outcome
 
     # --- one page ------------------------------------------------------------------------
 
-    async def _fetch_page(self, offset: int, limit: int, expected_total: int | None) -> paging.Page:
+    async def _fetch_first(
+        self, limit: int, collection: Collection, slots: asyncio.Semaphore
+    ) -> paging.Page:
+        try:
+            return await self._fetch_page(0, limit, None, collection, slots)
+        except errors.ResourceMissing as exc:
+            raise errors.CollectionUnavailable(
+                f"tenant {self._tenant.name!r}: the server has no {collection.name} collection "
+                f"(HTTP 404 for {collection.path}; an older VSPC)",
+                collection=collection.name,
+            ) from exc
+
+    async def _fetch_page(
+        self,
+        offset: int,
+        limit: int,
+        expected_total: int | None,
+        collection: Collection,
+        slots: asyncio.Semaphore,
+    ) -> paging.Page:
         where = f"tenant {self._tenant.name!r}, offset {offset}"
-        url = self._root.with_path(self._root.path.rstrip("/") + JOB_OBJECTS_PATH)
-        params = {"limit": str(limit), "offset": str(offset), "sort": paging.SORT_PARAM}
+        url = self._root.with_path(self._root.path.rstrip("/") + collection.path)
+        params = {"limit": str(limit), "offset": str(offset), "sort": _sort_param(collection)}
+        subject = (
+            "backup copy job objects"
+            if collection.kind is collections.Kind.LINKS
+            else collection.noun
+        )
 
         async def attempt() -> paging.Page:
-            body = await self._get(url, params, where)
+            body = await self._get(url, params, where, subject)
             try:
                 return paging.parse_page(
                     body,
@@ -262,6 +303,7 @@ class VspcClient:
                     offset=offset,
                     limit=limit,
                     expected_total=expected_total,
+                    collection=collection,
                 )
             except errors.UnreadablePage as exc:
                 # Retried (unlike other page problems): a cut or garbled body is most often
@@ -269,17 +311,18 @@ class VspcClient:
                 # server that keeps sending it still ends as a page problem after retries.
                 raise errors.RetryableError(str(exc), reason="malformed_body") from exc
 
-        return await self._with_retries(where, attempt)
+        async with slots:
+            return await self._with_retries(where, attempt)
 
-    async def _get(self, url: URL, params: Mapping[str, str], where: str) -> bytes:
+    async def _get(self, url: URL, params: Mapping[str, str], where: str, subject: str) -> bytes:
         """The body of a 200 answer to GET `url`, re-authenticating once on 401 and
-        following a 202 to its result."""
+        following a 202 to its result. A 404 raises `errors.ResourceMissing`."""
         answer = await self._send_authorized("GET", url, where, params=params)
         if answer.status == 200:
             return answer.body
         if answer.status == 202:
             return await self._poll(answer, where)
-        self._raise_for(answer, where)
+        self._raise_for(answer, where, subject=subject, missing=True)
 
     async def _send_authorized(
         self, method: str, url: URL, where: str, *, params: Mapping[str, str] | None = None
@@ -467,8 +510,17 @@ class VspcClient:
             key="max_body_size",
         )
 
-    def _raise_for(self, answer: _Answer, where: str, *, after_renewal: bool = False) -> NoReturn:
-        """Raises what a non-200 answer means: RetryableError, AuthError or ApiError."""
+    def _raise_for(
+        self,
+        answer: _Answer,
+        where: str,
+        *,
+        after_renewal: bool = False,
+        subject: str = "backup copy job objects",
+        missing: bool = False,
+    ) -> NoReturn:
+        """Raises what a non-200 answer means: RetryableError, AuthError or ApiError
+        (`ResourceMissing` for a 404 when `missing`: the resource asked for, not a poll)."""
         error = retry.parse_error_body(answer.body)
         detail = f"HTTP {answer.status}" + (f": {error.message}" if error.message else "")
         verdict = retry.classify(answer.status, error)
@@ -499,7 +551,9 @@ class VspcClient:
             )
         hint = ""
         if answer.status == 403:
-            hint = " (the account lacks a role that may read backup copy job objects)"
+            hint = f" (the account lacks a role that may read {subject})"
+        if answer.status == 404 and missing:
+            raise errors.ResourceMissing(f"{where}: {detail}", status=404)
         raise errors.ApiError(f"{where}: {detail}{hint}", status=answer.status)
 
     # --- token endpoint ----------------------------------------------------------------
@@ -585,6 +639,13 @@ def _oauth_error(body: bytes) -> tuple[str, str] | None:
         errors.clean_text(document["error"], limit=100),
         errors.clean_text(description) if isinstance(description, str) else "",
     )
+
+
+_SORT_PARAMS = {c.name: paging.sort_param(c) for c in collections.COLLECTIONS.values()}
+
+
+def _sort_param(collection: Collection) -> str:
+    return _SORT_PARAMS.get(collection.name) or paging.sort_param(collection)
 
 
 class _ApiKey:

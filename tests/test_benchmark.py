@@ -62,7 +62,7 @@ def test_benchmark_reports_every_phase_and_figure(pg_server_url: str, tmp_path: 
         missing = [name for name in FIGURES if name not in figures]
         assert not missing, f"{phase} lacks {missing}"
         assert figures["pairs"] == 400
-        assert set(figures["rows_written"]) == {"links", "runs", "tenants"}
+        assert set(figures["rows_written"]) == {"links", "catalog_items", "runs", "tenants"}
         assert len(figures["runs"]) == 1
     assert report["phases"]["parse"]["parse_cpu_s"] >= 0
     initial, noop, churn = (report["phases"][p] for p in ("initial", "noop", "churn"))

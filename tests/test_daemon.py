@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import config, db, logs
+from syncd import collections, config, db, logs
 from syncd import daemon as daemon_module
 from syncd import simulator as sim
 from tests.fixtures import fault_helpers
@@ -312,6 +312,14 @@ async def test_syncs_every_tenant_on_schedule_while_one_keeps_failing(
         healthy = (await daemon.tenant_status())["tenant-1"]
         assert healthy["consecutive_failures"] == 0
         assert healthy["pairs"] == 300
+        # The last run's outcome per collection.
+        assert {name: outcome["status"] for name, outcome in healthy["collections"].items()} == (
+            dict.fromkeys(collections.COLLECTIONS, "succeeded")
+        )
+        assert failing["collections"]["jobs"]["status"] == "failed"
+        metrics = await daemon.metrics()
+        jobs = len(sim_state.tenants["tenant-1"].jobs)
+        assert metrics.value("syncd_items_current", tenant="tenant-1", collection="jobs") == jobs
         assert healthy["last_success_at"] is not None
         assert healthy["next_run_at"] is not None
         assert healthy["schedule"] == "every 1s"
@@ -365,12 +373,19 @@ async def test_sigterm_lets_runs_finish_within_grace_then_interrupts_the_rest(
     sim_state: sim.SimulatorState,
     simulator: str,
 ) -> None:
-    sim_state.inject(
-        sim.Fault(kind="latency", tenant="tenant-1", offset=0, delay_s=60.0, times=None)
-    )
-    sim_state.inject(
-        sim.Fault(kind="latency", tenant="tenant-2", offset=0, delay_s=1.5, times=None)
-    )
+    # Slow first pages of the links (the other collections' pages are quick): tenant-2's run
+    # ends within the grace, tenant-1's does not.
+    for tenant, delay_s in (("tenant-1", 60.0), ("tenant-2", 1.5)):
+        sim_state.inject(
+            sim.Fault(
+                "latency",
+                tenant=tenant,
+                offset=0,
+                delay_s=delay_s,
+                times=None,
+                collection="backup_copy_job_objects",
+            )
+        )
     config_path = tmp_path / "syncd.toml"
     grace_s = 3.0
     write_config(
@@ -634,6 +649,7 @@ async def test_status_and_gauges_survive_a_restart(
 
         row = await wait_for(seeded, timeout_s=5.0, what="tenant-1's stored status")
         assert (row["last_status"], row["pairs"], row["last_run_id"]) == ("succeeded", 300, None)
+        assert row["collections"]["jobs"]["status"] == "succeeded"  # read from the database
         assert row["last_success_at"] is not None
         metrics = await daemon.metrics()
         assert metrics.value("syncd_pairs_current", tenant="tenant-1") == 300

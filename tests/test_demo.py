@@ -27,6 +27,7 @@ from syncd import config, db, demo, embedded
 from tests.fixtures.helpers import current_pairs, expected_pairs, fetch_all
 
 PAIRS = 1000  # the demo's default
+IMMEDIATE = round(PAIRS * demo.IMMEDIATE_FRACTION)  # immediate pairs per tenant
 TENANTS = [f"tenant-{number}" for number in range(1, demo.DEMO_TENANTS + 1)]
 
 _RESULT = re.compile(
@@ -120,10 +121,18 @@ async def demo_database(data_dir: Path) -> AsyncIterator[tuple[AsyncEngine, str]
 
 
 def expected_state() -> dict[str, set[tuple[str, str | None, str]]]:
-    """The simulator's pairs at the end of the demo, rebuilt from the demo's seed."""
+    """The simulator's pairs of both copy modes at the end of the demo, rebuilt from the
+    demo's seed (the two modes' copy jobs differ, so their pairs never coincide)."""
     state = demo.demo_state(PAIRS)
     demo.apply_churn(state)
-    return {name: expected_pairs(state.tenants[name]) for name in TENANTS}
+    return {
+        name: expected_pairs(state.tenants[name])
+        | {
+            (item["jobUid"], item.get("uniqueJobUid"), item["linkedJobUid"])
+            for item in state.tenants[name].immediate_items
+        }
+        for name in TENANTS
+    }
 
 
 @pytest.mark.slow
@@ -132,7 +141,21 @@ async def test_demo_prints_what_the_database_holds(first_run: DemoRun, data_dir:
     assert run.code == 0, run.stdout + run.stderr
     assert "embedded PostgreSQL at" in run.stderr
     assert "set database.url for production" in run.stderr
-    assert "verified: the copy matches the simulator exactly (3000 pairs compared)" in run.stdout
+    compared = 3 * (PAIRS + IMMEDIATE)
+    assert f"verified: the copy matches the simulator exactly ({compared} pairs compared)" in (
+        run.stdout
+    )
+    # The demo shows links by name and the jobs nothing copies.
+    named = run.table(
+        "tenant",
+        "copy_mode",
+        "copy_job_name",
+        "source_job_name",
+        "source_job_type",
+        "organization_name",
+    )
+    assert named and all(row[1] for row in named.values())
+    assert run.table("tenant", "name", "type", "backup_server_name", "organization_name")
     results, churn = run.results(), run.churn()
     assert sorted(results) == sorted(churn) == TENANTS
     wanted = expected_state()
@@ -155,7 +178,7 @@ async def test_demo_prints_what_the_database_holds(first_run: DemoRun, data_dir:
                 "WHERE tenant = :tenant ORDER BY id",
                 tenant=name,
             )
-            assert runs == [("succeeded", PAIRS, 0), ("succeeded", added, removed)]
+            assert runs == [("succeeded", PAIRS + IMMEDIATE, 0), ("succeeded", added, removed)]
             # The example query on job_link_changes printed the same numbers.
             changes = await fetch_all(
                 engine,
@@ -234,7 +257,8 @@ async def test_demo_keep_running_serves_until_sigterm(data_dir: Path) -> None:
         assert match is not None, printed
         reader = await asyncpg.connect(shlex.split(match["command"])[1])
         try:
-            assert await reader.fetchval("SELECT count(*) FROM syncd.job_links_current") == 3000
+            count = await reader.fetchval("SELECT count(*) FROM syncd.job_links_current")
+            assert count == 3 * (PAIRS + IMMEDIATE)
         finally:
             await reader.close()
     finally:

@@ -8,7 +8,9 @@ after must store S1 exactly. `assert_history_sound` checks intervals and bookkee
 
 Already covered elsewhere, not repeated: a later page failing forever with 520 and the other
 tenants syncing meanwhile, 403 on the first page, drift without recovery, the mass-delete
-guard (tests/test_sync.py); request-level retry/auth details (client tests).
+guard (tests/test_sync.py); request-level retry/auth details (client tests); faults on the
+catalog collections and runs where collections end differently (tests/test_catalog.py).
+These runs read the periodic links alone, so that each scenario's outcome is its pages'.
 """
 
 from __future__ import annotations
@@ -223,7 +225,8 @@ async def _sync(
     progress: _AfterFirstPage | None = None,
     **kw: Any,
 ) -> SyncResult:
-    settings = dict(scenario.settings) if scenario else {}
+    settings: dict[str, Any] = {"collections": ["backup_copy_job_objects"]}
+    settings.update(scenario.settings if scenario else {})
     settings.update(kw)
     password = scenario.password if scenario else False
     tenant = tenant_for(state.tenants[TENANT], url, password=password, **settings)
@@ -353,7 +356,13 @@ async def test_token_expiring_during_a_slow_snapshot(
     # each, one at a time, so the token expires mid-snapshot whatever the client plans.
     sim_state.token_lifetime_s = 0.3
     sim_state.inject(_on("latency", delay_s=0.1))
-    tenant = tenant_for(sim_state.tenants[TENANT], simulator, password=True, max_concurrent_pages=1)
+    tenant = tenant_for(
+        sim_state.tenants[TENANT],
+        simulator,
+        password=True,
+        max_concurrent_pages=1,
+        collections=["backup_copy_job_objects"],
+    )
     result = await sync_tenant(tenant, sync_engine)
     assert result.status == "succeeded", result.error
     assert result.pages_fetched == 7

@@ -160,17 +160,17 @@ async def test_check_reports_each_failure_specifically(
     output = capsys.readouterr().out
     assert code == errors.EXIT_FAILED, output
     rows = table_rows(output)
-    # tenant: auth, server reachable, TLS, first page, total pairs
-    assert rows["ok"] == ["api_key", "yes", "none (http)", "OK", "300"]
-    assert rows["password"] == ["password", "yes", "none (http)", "OK", "300"]
-    assert rows["tls-ok"] == ["api_key", "yes", "verified (ca_file)", "OK", "300"]
-    assert rows["bad-key"] == ["api_key", "yes", "none (http)", "FAILED", ""]
-    assert rows["bad-password"] == ["password", "yes", "none (http)", "FAILED", ""]
-    assert rows["forbidden"] == ["api_key", "yes", "none (http)", "FAILED", ""]
-    assert rows["refused"] == ["api_key", "no", "-", "FAILED", ""]
-    assert rows["dns"] == ["api_key", "no", "-", "FAILED", ""]
-    assert rows["old-version"] == ["api_key", "yes", "none (http)", "FAILED", ""]
-    assert rows["tls-untrusted"] == ["api_key", "yes", "FAILED", "FAILED", ""]
+    # tenant: auth, server reachable, TLS, first page, total pairs, collections answering
+    assert rows["ok"] == ["api_key", "yes", "none (http)", "OK", "300", "5 of 5"]
+    assert rows["password"] == ["password", "yes", "none (http)", "OK", "300", "5 of 5"]
+    assert rows["tls-ok"] == ["api_key", "yes", "verified (ca_file)", "OK", "300", "5 of 5"]
+    assert rows["bad-key"] == ["api_key", "yes", "none (http)", "FAILED", "", ""]
+    assert rows["bad-password"] == ["password", "yes", "none (http)", "FAILED", "", ""]
+    assert rows["forbidden"] == ["api_key", "yes", "none (http)", "FAILED", "", ""]
+    assert rows["refused"] == ["api_key", "no", "-", "FAILED", "", ""]
+    assert rows["dns"] == ["api_key", "no", "-", "FAILED", "", ""]
+    assert rows["old-version"] == ["api_key", "yes", "none (http)", "FAILED", "", ""]
+    assert rows["tls-untrusted"] == ["api_key", "yes", "FAILED", "FAILED", "", ""]
 
     found = problems(output)
     assert set(found) >= {
@@ -288,9 +288,12 @@ async def test_status_table_and_json(
         True, "succeeded", 300, True
     )  # fmt: skip
     assert one["last_success_at"] is not None and 0 <= one["age_s"] < 60
+    assert one["collections"]["jobs"]["status"] == "succeeded"
+    assert one["collections"]["jobs"]["seen"] == len(sim_state.tenants["tenant-1"].jobs)
     three = by_name["tenant-3"]
     assert (three["last_status"], three["last_success_at"], three["ok"]) == ("failed", None, False)
     assert three["age_s"] is None and three["pairs"] == 0
+    assert {outcome["status"] for outcome in three["collections"].values()} == {"failed"}
     new = by_name["newcomer"]
     assert (new["configured"], new["last_run_at"], new["pairs"], new["ok"]) == (
         True, None, None, False

@@ -323,7 +323,7 @@ async def test_logical_server_error_is_not_retried(
     assert outcome.problems[0] == f"tenant {NAME!r}, offset 49: HTTP 520: Internal server error"
 
 
-@pytest.mark.parametrize("status", [400, 403, 404, 409, 415])
+@pytest.mark.parametrize("status", [400, 403, 409, 415])
 async def test_client_errors_are_not_retried(
     sim_state: sim.SimulatorState, simulator: str, status: int
 ) -> None:
@@ -336,6 +336,28 @@ async def test_client_errors_are_not_retried(
     assert str(caught.value).startswith(f"tenant {NAME!r}, offset 0: HTTP {status}: ")
     assert ("Access denied" if status == 403 else f"Simulated error {status}") in str(caught.value)
     assert observer.done == [str(status)] and observer.retries == []
+
+
+async def test_a_404_first_page_means_the_collection_is_unavailable(
+    sim_state: sim.SimulatorState, simulator: str
+) -> None:
+    sim_state.inject(sim.Fault("status", tenant=NAME, offset=0, status=404, times=None))
+    observer = Observer()
+    with pytest.raises(errors.CollectionUnavailable) as caught:
+        await snapshot(tenant_for(sim_tenant(sim_state), simulator), observer=observer)
+    assert caught.value.collection == "backup_copy_job_objects"
+    assert "HTTP 404" in str(caught.value) and "older VSPC" in str(caught.value)
+    assert isinstance(caught.value.__cause__, errors.ResourceMissing)
+    assert observer.done == ["404"] and observer.retries == []
+
+
+async def test_a_404_later_page_makes_the_snapshot_incomplete(
+    sim_state: sim.SimulatorState, simulator: str
+) -> None:
+    sim_state.inject(sim.Fault("status", tenant=NAME, offset=147, status=404))
+    outcome, _ = await snapshot(tenant_for(sim_tenant(sim_state), simulator))
+    assert not outcome.complete
+    assert outcome.problems[0].startswith(f"tenant {NAME!r}, offset 147: HTTP 404")
 
 
 async def test_later_page_client_error_makes_snapshot_incomplete(

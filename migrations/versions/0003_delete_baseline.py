@@ -1,4 +1,4 @@
-"""The mass-delete guard's baseline: a reset time per tenant, an index over succeeded runs.
+"""The mass-delete guard's baseline: a reset time per tenant, an index of runs by start.
 
 Revision ID: 0003
 Revises: 0002
@@ -22,15 +22,13 @@ def upgrade() -> None:
         sa.Column("delete_baseline_since", sa.DateTime(timezone=True), nullable=True),
         schema="syncd",
     )
+    # A collection may succeed in a run that is partial as a whole: the baseline reads every
+    # run of the tenant within its window, not only the succeeded ones.
     op.create_index(
-        "ix_runs_tenant_id_started_at_succeeded",
-        "runs",
-        ["tenant_id", "started_at"],
-        schema="syncd",
-        postgresql_where=sa.text("status = 'succeeded'"),
+        op.f("ix_runs_tenant_id_started_at"), "runs", ["tenant_id", "started_at"], schema="syncd"
     )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_runs_tenant_id_started_at_succeeded", "runs", schema="syncd")
+    op.drop_index(op.f("ix_runs_tenant_id_started_at"), "runs", schema="syncd")
     op.drop_column("tenants", "delete_baseline_since", schema="syncd")

@@ -1,9 +1,10 @@
 """The simulator as an aiohttp application, and the ways to run it.
 
 One handler sees every request: it records it (Authorization redacted), checks
-`X-Client-Version`, authenticates, and routes to the token endpoint, the jobObjects
-collection or an async action. What it answers comes from `SimulatorState`'s public methods;
-when a fault fires, `faults.answer` builds the answer instead.
+`X-Client-Version`, authenticates, and routes to the token endpoint, one of the collections
+(`wire.COLLECTION_PATHS`; 404 for those in `unavailable_collections`) or an async action.
+What it answers comes from `SimulatorState`'s public methods; when a fault fires,
+`faults.answer` builds the answer instead.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from syncd.simulator import faults, queries, wire
-from syncd.simulator.dataset import SimTenant, make_dataset
+from syncd.simulator.dataset import LINK_COLLECTIONS, SimTenant, make_dataset
 from syncd.simulator.state import RequestRecord, SimulatorState, TokenPair
 
 _log = logging.getLogger(__name__)
@@ -100,8 +101,9 @@ class _Api:
             if self.state.tenants[tenant].read_only_key and record.credential == "api_key":
                 return wire.vspc_error(403, "The API key is read-only", "security")
             return wire.vspc_error(405, "Method not allowed", "logical")
-        if path == wire.JOB_OBJECTS_PATH:
-            return await self._job_objects(request, tenant)
+        collection = wire.COLLECTION_OF_PATH.get(path)
+        if collection is not None and collection not in self.state.unavailable_collections:
+            return await self._collection(request, tenant, collection)
         if path.startswith(wire.ASYNC_ACTIONS_PATH + "/"):
             return self._async_action(path.removeprefix(wire.ASYNC_ACTIONS_PATH + "/"), tenant)
         return wire.vspc_error(404, f"No resource at {request.path}", "logical")
@@ -156,18 +158,25 @@ class _Api:
             return _token_response(state.issue_tokens(owner, "refresh_token"))
         return wire.oauth_error("unsupported_grant_type", f"Grant type {grant!r} is not supported")
 
-    async def _job_objects(self, request: web.Request, tenant: str) -> web.StreamResponse:
+    async def _collection(
+        self, request: web.Request, tenant: str, collection: str
+    ) -> web.StreamResponse:
         state = self.state
+        properties = (
+            queries.PROPERTIES if collection in LINK_COLLECTIONS else queries.CATALOG_PROPERTIES
+        )
         with state.serving_page(tenant):
             try:
-                query = queries.parse(request.query, state.max_page_size)
+                query = queries.parse(request.query, state.max_page_size, properties)
             except queries.BadQuery as exc:
                 return wire.vspc_error(400, str(exc), "logical")
-            delay_s, fault = state.take_fault(tenant, query.offset, faults.FAULT_KINDS)
+            delay_s, fault = state.take_fault(tenant, query.offset, faults.FAULT_KINDS, collection)
             await self._sleep(delay_s)
             if fault is None:
-                return wire.json_response(200, state.page_body(tenant, query))
-            context = faults.Context(state, tenant, request.headers, self._sleep, query=query)
+                return wire.json_response(200, state.page_body(tenant, query, collection))
+            context = faults.Context(
+                state, tenant, request.headers, self._sleep, query=query, collection=collection
+            )
             return await faults.answer(fault, context)
 
     def _async_action(self, action_id: str, tenant: str) -> web.Response:
@@ -250,10 +259,16 @@ async def serve(
 
     The API keys printed are the simulator's own, made up from `seed`.
     """
-    dataset = make_dataset(tenants=tenants, pairs_per_tenant=pairs, seed=seed)
+    # Immediate backup copy links too, a tenth as many: every collection has data.
+    dataset = make_dataset(
+        tenants=tenants, pairs_per_tenant=pairs, seed=seed, immediate_pairs_per_tenant=pairs // 10
+    )
     state = SimulatorState(dataset, seed=seed, token_lifetime_s=token_lifetime_s)
     async with run_simulator(state, host, port) as url:
-        print_fn(f"VSPC simulator serving {tenants} tenant(s) x {pairs} pairs at {url}")
+        print_fn(
+            f"VSPC simulator serving {tenants} tenant(s) x {pairs} periodic and {pairs // 10} "
+            f"immediate pairs, with their catalog, at {url}"
+        )
         for tenant in dataset:
             print_fn(f"  {tenant.name}: api_key = {tenant.api_key}")
         print_fn("\nsyncd configuration:\n")

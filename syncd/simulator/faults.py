@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from syncd.simulator import queries, wire
+from syncd.simulator import dataset, queries, wire
 
 if TYPE_CHECKING:
     from syncd.simulator.state import SimulatorState
@@ -48,9 +48,9 @@ class FaultKind(enum.StrEnum):
     TRUNCATED = "truncated"
     """The first half of the page's body."""
     BAD_UUID = "bad_uuid"
-    """One item's `jobUid` is not a UUID."""
+    """One item's `jobUid` (a catalog item's `instanceUid`) is not a UUID."""
     MISSING_FIELD = "missing_field"
-    """One item lacks `linkedJobUid`."""
+    """One item lacks `linkedJobUid` (a catalog item its `instanceUid`)."""
     WRONG_TOTAL = "wrong_total"
     """`total` is 7 too many."""
     WRONG_OFFSET = "wrong_offset"
@@ -58,7 +58,7 @@ class FaultKind(enum.StrEnum):
     WRONG_COUNT = "wrong_count"
     """`count` is one more than the items sent."""
     DRIFT = "drift"
-    """The right page, then the data changes: one pair removed, one added."""
+    """The right page, then the collection changes: one item removed, one added."""
     NULL_META = "null_meta"
     """`meta` is null."""
     HUGE_TOTAL = "huge_total"
@@ -93,16 +93,19 @@ TOKEN_FAULT_KINDS = frozenset(
 
 @dataclass
 class Fault:
-    """A scripted misbehaviour, matched per request by tenant, offset, times and probability.
+    """A scripted misbehaviour, matched per request by tenant, collection, offset, times and
+    probability.
 
     `kind` is a `FaultKind` or its value (`Fault("429")`); the other fields tune particular
-    kinds, as `FaultKind` says. The token endpoint honours `TOKEN_FAULT_KINDS` when `offset`
-    is None. `shape` is one of `wire.ERROR_SHAPES`.
+    kinds, as `FaultKind` says. `collection` (a name of `dataset.COLLECTIONS`) targets one
+    collection; None, any of them. The token endpoint honours `TOKEN_FAULT_KINDS` when
+    `offset` and `collection` are None. `shape` is one of `wire.ERROR_SHAPES`.
     """
 
     kind: FaultKind
     tenant: str | None = None
     offset: int | None = None
+    collection: str | None = None
     times: int | None = 1
     probability: float = 1.0
     retry_after_s: float | None = None
@@ -132,6 +135,10 @@ class Fault:
             raise ValueError("times must be at least 1, or None for forever")
         if self.shape not in wire.ERROR_SHAPES:
             raise ValueError(f"shape must be one of {wire.ERROR_SHAPES}")
+        if self.collection is not None and self.collection not in wire.COLLECTION_PATHS:
+            raise ValueError(
+                f"unknown collection {self.collection!r}; one of {sorted(wire.COLLECTION_PATHS)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -144,20 +151,28 @@ class Context:
     sleep: Callable[[float], Awaitable[None]]
     """Sleeps, but returns early when the server shuts down."""
     query: queries.PageQuery | None = None
-    """A jobObjects request's query; None at the token endpoint."""
+    """A collection request's query; None at the token endpoint."""
     form: Mapping[str, str] | None = None
-    """The token endpoint's form fields; None for a jobObjects request."""
+    """The token endpoint's form fields; None for a collection request."""
+    collection: str = "backup_copy_job_objects"
+    """The collection asked for (meaningless at the token endpoint)."""
 
     def page(self) -> tuple[str, queries.PageQuery]:
-        """(tenant, query) of the jobObjects request being answered."""
+        """(tenant, query) of the collection request being answered."""
         # Page faults are not in TOKEN_FAULT_KINDS, so they never fire at the token endpoint.
-        assert self.tenant is not None and self.query is not None, "not a jobObjects request"
+        assert self.tenant is not None and self.query is not None, "not a collection request"
         return self.tenant, self.query
 
     def page_body(self) -> bytes:
         """The body the request would get without a fault."""
         tenant, query = self.page()
-        return self.state.page_body(tenant, query)
+        return self.state.page_body(tenant, query, self.collection)
+
+    def identity_fields(self) -> tuple[str, str]:
+        """(a field to corrupt, a required field to drop) of the collection's items."""
+        if self.collection in dataset.LINK_COLLECTIONS:
+            return "jobUid", "linkedJobUid"
+        return "instanceUid", "instanceUid"
 
 
 Handler = Callable[[Fault, Context], Awaitable[web.Response]]
@@ -241,14 +256,13 @@ async def _truncated(fault: Fault, context: Context) -> web.Response:
 async def _wrong_offset(fault: Fault, context: Context) -> web.Response:
     tenant, query = context.page()
     first_page = dataclasses.replace(query, offset=0)
-    return wire.json_response(200, context.state.page_body(tenant, first_page))
+    return wire.json_response(200, context.state.page_body(tenant, first_page, context.collection))
 
 
 async def _drift(fault: Fault, context: Context) -> web.Response:
     tenant, _ = context.page()
     body = context.page_body()
-    context.state.remove_pairs(tenant, 1)
-    context.state.add_pairs(tenant, 1)
+    context.state.drift(tenant, context.collection)
     return wire.json_response(200, body)
 
 
@@ -274,7 +288,10 @@ async def _message(fault: Fault, context: Context) -> web.Response:
     return wire.error_in_shape(fault.status or 400, fault.message, fault.shape)
 
 
-def _damaged_page(damage: Callable[[Fault, dict[str, Any]], None]) -> Handler:
+Damage = Callable[[Fault, Context, dict[str, Any]], None]
+
+
+def _damaged_page(damage: Damage) -> Handler:
     """A handler answering 200 with the request's page document as `damage` leaves it.
 
     `damage` may change the document and its lists, but must replace items, not edit them:
@@ -283,44 +300,46 @@ def _damaged_page(damage: Callable[[Fault, dict[str, Any]], None]) -> Handler:
 
     async def handler(fault: Fault, context: Context) -> web.Response:
         tenant, query = context.page()
-        document = context.state.page_document(tenant, query)
-        damage(fault, document)
+        document = context.state.page_document(tenant, query, context.collection)
+        damage(fault, context, document)
         return wire.json_response(200, orjson.dumps(document))
 
     return handler
 
 
-def _bad_uuid(fault: Fault, document: dict[str, Any]) -> None:
-    data: list[dict[str, str]] = document["data"]
+def _bad_uuid(fault: Fault, context: Context, document: dict[str, Any]) -> None:
+    data: list[dict[str, Any]] = document["data"]
+    field, _ = context.identity_fields()
     if data:
-        data[len(data) // 2] = {**data[len(data) // 2], "jobUid": "not-a-uuid"}
+        data[len(data) // 2] = {**data[len(data) // 2], field: "not-a-uuid"}
 
 
-def _missing_field(fault: Fault, document: dict[str, Any]) -> None:
-    data: list[dict[str, str]] = document["data"]
+def _missing_field(fault: Fault, context: Context, document: dict[str, Any]) -> None:
+    data: list[dict[str, Any]] = document["data"]
+    _, field = context.identity_fields()
     if data:
         item = dict(data[len(data) // 2])
-        item.pop("linkedJobUid", None)
+        item.pop(field, None)
         data[len(data) // 2] = item
 
 
-def _wrong_total(fault: Fault, document: dict[str, Any]) -> None:
+def _wrong_total(fault: Fault, context: Context, document: dict[str, Any]) -> None:
     document["meta"]["pagingInfo"]["total"] += 7
 
 
-def _wrong_count(fault: Fault, document: dict[str, Any]) -> None:
+def _wrong_count(fault: Fault, context: Context, document: dict[str, Any]) -> None:
     document["meta"]["pagingInfo"]["count"] = len(document["data"]) + 1
 
 
-def _null_meta(fault: Fault, document: dict[str, Any]) -> None:
+def _null_meta(fault: Fault, context: Context, document: dict[str, Any]) -> None:
     document["meta"] = None
 
 
-def _huge_total(fault: Fault, document: dict[str, Any]) -> None:
+def _huge_total(fault: Fault, context: Context, document: dict[str, Any]) -> None:
     document["meta"]["pagingInfo"]["total"] = fault.total
 
 
-def _short_page(fault: Fault, document: dict[str, Any]) -> None:
+def _short_page(fault: Fault, context: Context, document: dict[str, Any]) -> None:
     document["data"] = document["data"][:1]
     document["meta"]["pagingInfo"]["count"] = len(document["data"])
 

@@ -2,6 +2,8 @@
 async actions, and what tests observe. No HTTP here: `app` answers requests by calling
 `SimulatorState`'s public methods.
 
+It serves five collections per tenant (`dataset.COLLECTIONS`: the links of both copy modes
+and the catalog); `unavailable_collections` makes some answer 404, as an older VSPC does.
 Sorted page bodies are cached per tenant and dropped on any change to that tenant's data, so
 a million pairs page quickly. Without `sort` the order is deliberately unstable (a fresh
 random order per request), as the API only promises "the default order based on its own
@@ -89,11 +91,12 @@ class AsyncAction:
 class SimulatorState:
     """The simulated VSPC's data, issued tokens, injected faults and observations.
 
-    Observations for tests: `requests_by_status`, `max_in_flight` / `in_flight` (jobObjects
-    requests per tenant), `request_log` (the last 10,000 requests), `token_grants` (successful
-    grants by type), `faults_fired` (by kind) and `issued_tokens` (the last 10,000 access and
-    refresh tokens handed out; `reset_observations` keeps them, so that a test looking for
-    leaked tokens sees every one).
+    Observations for tests: `requests_by_status`, `max_in_flight` / `in_flight` (collection
+    requests per tenant, all collections together), `request_log` (the last 10,000
+    requests), `token_grants` (successful grants by type), `faults_fired` (by kind) and
+    `issued_tokens` (the last 10,000 access and refresh tokens handed out;
+    `reset_observations` keeps them, so that a test looking for leaked tokens sees every
+    one).
 
     The request handler (`app.create_app`) reads and changes the state only through its public
     methods: `authenticate`, the token methods, `take_fault`, `page_body` / `page_document`,
@@ -126,6 +129,8 @@ class SimulatorState:
         self.supported_versions = supported_versions
         self.max_page_size = max_page_size
         self.hang_s = 3600.0
+        # Collections (by name) answered with 404, as by an older VSPC that lacks them.
+        self.unavailable_collections: set[str] = set()
 
         self.requests_by_status: collections.Counter[int] = collections.Counter()
         self.in_flight: dict[str, int] = dict.fromkeys(self.tenants, 0)
@@ -193,9 +198,13 @@ class SimulatorState:
 
     # --- churn -----------------------------------------------------------------------------
 
-    def add_pairs(self, tenant: str, n: int) -> list[dict[str, str]]:
-        """Adds `n` new pairs to `tenant`: new copy jobs, or new sources of existing ones."""
-        items = self.tenants[tenant].items
+    def add_pairs(
+        self, tenant: str, n: int, collection: str = "backup_copy_job_objects"
+    ) -> list[dict[str, str]]:
+        """Adds `n` new pairs to `tenant`'s links `collection`: new copy jobs, or new
+        sources of existing ones. Their new jobs join the catalog if it follows the links."""
+        sim_tenant = self.tenants[tenant]
+        items: list[dict[str, str]] = sim_tenant.collection(collection)
         existing = {(i["jobUid"], i["linkedJobUid"], i.get("uniqueJobUid")) for i in items}
         added: list[dict[str, str]] = []
         sources: list[str] = []
@@ -215,17 +224,59 @@ class SimulatorState:
                     existing.add(key)
                     added.append(item)
         items.extend(added)
+        if sim_tenant.catalog_follows_links:
+            immediate = collection == "immediate_copy_job_objects"
+            copy_type = "SimpleBackupCopy" if immediate else "BackupCopy"
+            dataset.add_jobs_for(sim_tenant, added, copy_type, rng)
         self.invalidate(tenant)
         return added
 
-    def remove_pairs(self, tenant: str, n: int) -> list[dict[str, str]]:
-        """Removes `n` random pairs (or all, if fewer) from `tenant`; returns them."""
-        items = self.tenants[tenant].items
+    def remove_pairs(
+        self, tenant: str, n: int, collection: str = "backup_copy_job_objects"
+    ) -> list[dict[str, str]]:
+        """Removes `n` random pairs (or all, if fewer) from `tenant`'s links `collection`;
+        returns them. The catalog keeps their jobs."""
+        items: list[dict[str, str]] = self.tenants[tenant].collection(collection)
         doomed = set(self._data_rng.sample(range(len(items)), min(n, len(items))))
         removed = [item for index, item in enumerate(items) if index in doomed]
         items[:] = [item for index, item in enumerate(items) if index not in doomed]
         self.invalidate(tenant)
         return removed
+
+    def drift(self, tenant: str, collection: str) -> None:
+        """One item of `collection` goes, another comes (data changing while it is paged)."""
+        if collection in dataset.LINK_COLLECTIONS:
+            self.remove_pairs(tenant, 1, collection)
+            self.add_pairs(tenant, 1, collection)
+            return
+        items: list[dict[str, Any]] = self.tenants[tenant].collection(collection)
+        if items:
+            template = items.pop(self._data_rng.randrange(len(items)))
+            items.append({**template, "instanceUid": dataset.random_uuid4(self._data_rng)})
+        self.invalidate(tenant)
+
+    def job(self, tenant: str, uid: str) -> dict[str, Any]:
+        """`tenant`'s job `uid` (its `instanceUid`); KeyError if the catalog lacks it."""
+        for job in self.tenants[tenant].jobs:
+            if job["instanceUid"] == uid:
+                return job
+        raise KeyError(uid)
+
+    def set_job_fields(self, tenant: str, uid: str, **fields: Any) -> None:
+        """Changes fields of job `uid` as VSPC would report them (None removes a field)."""
+        jobs = self.tenants[tenant].jobs
+        old = self.job(tenant, uid)
+        new = {**old, **fields}
+        for key, value in fields.items():
+            if value is None:
+                del new[key]
+        # Replaced, not edited: cached views and pages hold the old dict.
+        jobs[jobs.index(old)] = new
+        self.invalidate(tenant)
+
+    def rename_job(self, tenant: str, uid: str, name: str) -> None:
+        """Renames job `uid` of `tenant`."""
+        self.set_job_fields(tenant, uid, name=name)
 
     def churn(self, tenant: str, fraction: float) -> tuple[int, int]:
         """Removes, then adds, `fraction` of `tenant`'s pairs; returns (removed, added)."""
@@ -280,10 +331,15 @@ class SimulatorState:
     # --- faults ----------------------------------------------------------------------------
 
     def take_fault(
-        self, tenant: str | None, offset: int | None, kinds: frozenset[faults.FaultKind]
+        self,
+        tenant: str | None,
+        offset: int | None,
+        kinds: frozenset[faults.FaultKind],
+        collection: str | None = None,
     ) -> tuple[float, faults.Fault | None]:
-        """For a request of `tenant` at `offset` (None: the token endpoint), among faults of
-        `kinds`: (total latency to add, the one other fault to apply), consuming what fires."""
+        """For a request of `tenant` at `offset` of `collection` (None, None: the token
+        endpoint), among faults of `kinds`: (total latency to add, the one other fault to
+        apply), consuming what fires."""
         delay_s = 0.0
         chosen: faults.Fault | None = None
         for armed in self._faults:
@@ -291,6 +347,8 @@ class SimulatorState:
             if armed.remaining == 0 or fault.kind not in kinds:
                 continue
             if fault.tenant is not None and fault.tenant != tenant:
+                continue
+            if fault.collection is not None and fault.collection != collection:
                 continue
             if fault.offset is not None and fault.offset != offset:
                 continue
@@ -310,13 +368,14 @@ class SimulatorState:
 
     # --- pages -----------------------------------------------------------------------------
 
-    def _view(self, tenant: str, query: queries.PageQuery) -> list[dict[str, str]]:
-        """The tenant's items, filtered and (when asked) sorted; cached until data changes."""
+    def _view(self, tenant: str, query: queries.PageQuery, collection: str) -> list[dict[str, Any]]:
+        """The items of the tenant's `collection`, filtered and (when asked) sorted; cached
+        until data changes."""
         views = self._views.setdefault(tenant, {})
-        key = (query.sort, query.filter_key)
+        key = (collection, query.sort, query.filter_key)
         view = views.get(key)
         if view is None:
-            items = self.tenants[tenant].items
+            items = self.tenants[tenant].collection(collection)
             predicate = query.predicate
             view = [item for item in items if predicate(item)] if predicate else list(items)
             # Stable sorts, last key first, give a multi-key sort; missing values sort first.
@@ -325,10 +384,13 @@ class SimulatorState:
             views[key] = view
         return view
 
-    def page_document(self, tenant: str, query: queries.PageQuery) -> dict[str, Any]:
-        """The page `query` asks of `tenant`'s items, as a fresh document a caller may edit
-        (the items themselves are shared: replace them, do not change them)."""
-        view = self._view(tenant, query)
+    def page_document(
+        self, tenant: str, query: queries.PageQuery, collection: str = "backup_copy_job_objects"
+    ) -> dict[str, Any]:
+        """The page `query` asks of the items of `tenant`'s `collection`, as a fresh document
+        a caller may edit (the items themselves are shared: replace them, do not change
+        them)."""
+        view = self._view(tenant, query, collection)
         total = len(view)
         if query.sort:
             data = view[query.offset : query.offset + query.limit]
@@ -343,22 +405,24 @@ class SimulatorState:
             "errors": None,
         }
 
-    def page_body(self, tenant: str, query: queries.PageQuery) -> bytes:
+    def page_body(
+        self, tenant: str, query: queries.PageQuery, collection: str = "backup_copy_job_objects"
+    ) -> bytes:
         """`page_document` as JSON; sorted pages are cached until the tenant's data changes."""
         if not query.sort:
-            return orjson.dumps(self.page_document(tenant, query))
+            return orjson.dumps(self.page_document(tenant, query, collection))
         pages = self._pages.setdefault(tenant, {})
-        key = (query.offset, query.limit, query.sort, query.filter_key, query.select)
+        key = (collection, query.offset, query.limit, query.sort, query.filter_key, query.select)
         body = pages.get(key)
         if body is None:
             if len(pages) >= _PAGE_CACHE_ENTRIES:
                 pages.clear()
-            body = pages[key] = orjson.dumps(self.page_document(tenant, query))
+            body = pages[key] = orjson.dumps(self.page_document(tenant, query, collection))
         return body
 
     @contextlib.contextmanager
     def serving_page(self, tenant: str) -> Iterator[None]:
-        """Counts a jobObjects request of `tenant` in `in_flight` while it is answered."""
+        """Counts a collection request of `tenant` in `in_flight` while it is answered."""
         self.in_flight[tenant] += 1
         self.max_in_flight[tenant] = max(self.max_in_flight[tenant], self.in_flight[tenant])
         try:

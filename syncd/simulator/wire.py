@@ -16,6 +16,20 @@ from aiohttp import web
 API_PREFIX = "/api/v3"
 TOKEN_PATH = "/api/v3/token"  # noqa: S105 - a path, not a password
 JOB_OBJECTS_PATH = "/api/v3/infrastructure/backupServers/jobs/backupCopyJobs/jobObjects"
+IMMEDIATE_OBJECTS_PATH = "/api/v3/infrastructure/backupServers/jobs/simpleBackupCopyJobs/objects"
+JOBS_PATH = "/api/v3/infrastructure/backupServers/jobs"
+BACKUP_SERVERS_PATH = "/api/v3/infrastructure/backupServers"
+ORGANIZATIONS_PATH = "/api/v3/organizations"
+# The collections served, by the names syncd gives them (from vspc-catalog-notes.md; written
+# out here rather than read from syncd's specs, so the simulator checks them).
+COLLECTION_PATHS = {
+    "backup_copy_job_objects": JOB_OBJECTS_PATH,
+    "immediate_copy_job_objects": IMMEDIATE_OBJECTS_PATH,
+    "jobs": JOBS_PATH,
+    "backup_servers": BACKUP_SERVERS_PATH,
+    "organizations": ORGANIZATIONS_PATH,
+}
+COLLECTION_OF_PATH = {path: name for name, path in COLLECTION_PATHS.items()}
 ASYNC_ACTIONS_PATH = "/api/v3/asyncActions"
 # The error bodies seen from VSPC and its proxies: see `error_in_shape`.
 ERROR_SHAPES = ("errors", "error", "oauth")
