@@ -76,19 +76,20 @@ class Metrics:
         )
         self.items_current = Gauge(
             "syncd_items_current",
-            "Items of a collection stored for the tenant, after its last run that applied it.",
+            "Items (pairs or catalog items) of a collection stored for the tenant, after its last run "
+            "that applied it (items).",
             ["tenant", "collection"],
             registry=registry,
         )
         self.items_changed = Counter(
             "syncd_items_changed",
-            "Items of a collection added, removed or changed (a new version) by runs.",
+            "Items of a collection added, removed or changed (a new version) by runs (items).",
             ["tenant", "collection", "change"],
             registry=registry,
         )
         self.collection_runs = Counter(
             "syncd_collection_runs",
-            "Collections synced in a tenant's runs, by how each ended (unavailable: HTTP 404).",
+            "Collections synced in a tenant's runs (runs), by how each ended (unavailable: HTTP 404).",
             ["tenant", "collection", "status"],
             registry=registry,
         )
