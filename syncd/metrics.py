@@ -76,8 +76,8 @@ class Metrics:
         )
         self.items_current = Gauge(
             "syncd_items_current",
-            "Items (pairs or catalog items) of a collection stored for the tenant, after its last run "
-            "that applied it (items).",
+            "Items (pairs or catalog items) of a collection stored for the tenant, after its "
+            "last run that applied it (items).",
             ["tenant", "collection"],
             registry=registry,
         )
@@ -89,7 +89,8 @@ class Metrics:
         )
         self.collection_runs = Counter(
             "syncd_collection_runs",
-            "Collections synced in a tenant's runs (runs), by how each ended (unavailable: HTTP 404).",
+            "Collections synced in a tenant's runs (runs), by how each ended "
+            "(unavailable: HTTP 404).",
             ["tenant", "collection", "status"],
             registry=registry,
         )

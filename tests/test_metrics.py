@@ -17,7 +17,16 @@ from syncd.sync import SyncResult
 from tests.webapp import StaticView, served
 
 # Every help text names one of these (Prometheus' base units, or what is being counted).
-UNITS = ("seconds", "(runs)", "(pairs)", "(requests)", "(reloads)", "(checks)", "(items)", "(boolean)")
+UNITS = (
+    "seconds",
+    "(runs)",
+    "(pairs)",
+    "(requests)",
+    "(reloads)",
+    "(checks)",
+    "(items)",
+    "(boolean)",
+)
 
 
 def exercised() -> metrics.Metrics:
