@@ -104,19 +104,21 @@ async def close_abandoned_runs(connection: AsyncConnection, tenant_id: int) -> i
     return result.rowcount
 
 
-async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str) -> Run:
-    """Records a new `running` run."""
+async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, replica: str) -> Run:
+    """Records a new `running` run of `replica` (this process's `[daemon] replica_name`)."""
     row = (
         await connection.execute(
             sa.text(
-                "INSERT INTO syncd.runs (tenant_id, started_at, status, host, pid) "
-                "VALUES (:tenant_id, now(), :running, :host, :pid) RETURNING id, started_at"
+                "INSERT INTO syncd.runs (tenant_id, started_at, status, host, pid, replica) "
+                "VALUES (:tenant_id, now(), :running, :host, :pid, :replica) "
+                "RETURNING id, started_at"
             ),
             {
                 "tenant_id": tenant_id,
                 "running": RunStatus.RUNNING,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
+                "replica": replica,
             },
         )
     ).one()

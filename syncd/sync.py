@@ -195,6 +195,7 @@ async def _run_lifecycle(
     tenant: config.Tenant,
     clean: Callable[[str], str],
     progress: ProgressSink | None,
+    replica: str,
 ) -> AsyncIterator[_ActiveRun | None]:
     """Lock, start, record failure, release: one run of `tenant` on one connection.
 
@@ -215,7 +216,7 @@ async def _run_lifecycle(
         try:
             with db.database_errors("cannot record the run"):
                 abandoned = await store.close_abandoned_runs(connection, tenant_id)
-                run = await store.start_run(connection, tenant_id, tenant.name)
+                run = await store.start_run(connection, tenant_id, tenant.name, replica)
                 await connection.commit()
             if abandoned:
                 log.warning(
@@ -337,6 +338,7 @@ async def sync_tenant(
     observer: vspc.RequestObserver | None = None,
     progress: ProgressSink | None = None,
     scrubber: logs.SecretScrubber | None = None,
+    replica: str | None = None,
 ) -> SyncResult:
     """Syncs one tenant's snapshot into the database and records the run.
 
@@ -345,6 +347,7 @@ async def sync_tenant(
     all become a `failed` (or `partial`) result, recorded in the run's row once it exists.
     `scrubber` (the process's log scrubber) learns the tokens obtained during the run; the
     tenant's own secrets are scrubbed from every message whether or not it is given.
+    `replica` is recorded on the run (default: `config.default_replica_name()`).
     """
     started = time.monotonic()
     secrets = scrubber if scrubber is not None else logs.SecretScrubber()
@@ -366,7 +369,8 @@ async def sync_tenant(
         )
 
     try:
-        async with _run_lifecycle(engine, tenant, clean, progress) as active:
+        replica = replica or config.default_replica_name()
+        async with _run_lifecycle(engine, tenant, clean, progress, replica) as active:
             if active is None:
                 log.info(
                     "tenant busy: another syncd process is syncing it; skipped", tenant=tenant.name
