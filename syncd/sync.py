@@ -27,7 +27,7 @@ from typing import Protocol, TypeVar
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from syncd import config, db, errors, logs, store, vspc
+from syncd import claims, config, db, errors, logs, store, vspc
 from syncd.models import RunStatus
 from syncd.paging import Page, Pair, SnapshotOutcome
 
@@ -494,6 +494,60 @@ async def run_each(
     return list(await asyncio.gather(*(one(item) for item in items)))
 
 
+async def sync_now(
+    tenant: config.Tenant,
+    engine: AsyncEngine,
+    *,
+    replica: claims.Replica,
+    allow_mass_delete: bool = False,
+    progress: ProgressSink | None = None,
+    scrubber: logs.SecretScrubber | None = None,
+) -> SyncResult:
+    """`sync_tenant` now, whatever the tenant's due time (`syncd sync`, a manual override),
+    unless another process holds its claim (skipped as busy); then moves its due time, as
+    a daemon's run would. Always returns a result, like `sync_tenant`."""
+    try:
+        look = await claims.claim(
+            engine, tenant, replica.name, regardless_of_due=True, reclaim_own=False
+        )
+    except errors.DatabaseError as exc:
+        secrets = scrubber if scrubber is not None else logs.SecretScrubber()
+        message = errors.clean_text(secrets.scrub(f"database failure: {exc}"))
+        log.error("sync failed", tenant=tenant.name, error=message)
+        return SyncResult(tenant.name, RunStatus.FAILED, error=message, database_failure=True)
+    if look.outcome is not claims.Outcome.WON:
+        log.info(
+            "tenant busy: another syncd process is syncing it; skipped",
+            tenant=tenant.name,
+            claimed_by=look.claimed_by,
+        )
+        return SyncResult(tenant=tenant.name, status=RunStatus.SKIPPED, error=BUSY)
+
+    async def release(how: claims.Ended) -> None:
+        try:
+            await claims.release(
+                engine, look, replica, tenant.settings, how, ended_monotonic_s=time.monotonic()
+            )
+        except errors.DatabaseError as exc:
+            # The claim expires after run_timeout; the daemons run the tenant then.
+            log.warning("cannot release the tenant's claim", tenant=tenant.name, error=str(exc))
+
+    try:
+        result = await sync_tenant(
+            tenant,
+            engine,
+            allow_mass_delete=allow_mass_delete,
+            progress=progress,
+            scrubber=scrubber,
+            replica=replica.name,
+        )
+    except asyncio.CancelledError:
+        await release(claims.Ended.NOT_RUN)  # still due: a daemon runs it
+        raise
+    await release(claims.ended(result.status, database_failure=result.database_failure))
+    return result
+
+
 async def sync_tenants(
     tenants: Sequence[config.Tenant],
     engine: AsyncEngine,
@@ -502,10 +556,24 @@ async def sync_tenants(
     allow_mass_delete: bool = False,
     progress: ProgressSink | None = None,
     scrubber: logs.SecretScrubber | None = None,
+    replica: claims.Replica | None = None,
 ) -> list[SyncResult]:
-    """Syncs `tenants` concurrently, at most `max_concurrent_tenants` at once."""
+    """Syncs `tenants` concurrently, at most `max_concurrent_tenants` at once.
+
+    With `replica`, through `sync_now`: claimed, and their due times moved (`syncd sync`);
+    without, plainly (the demo and the benchmarks own their database).
+    """
 
     async def one(tenant: config.Tenant) -> SyncResult:
+        if replica is not None:
+            return await sync_now(
+                tenant,
+                engine,
+                replica=replica,
+                allow_mass_delete=allow_mass_delete,
+                progress=progress,
+                scrubber=scrubber,
+            )
         return await sync_tenant(
             tenant,
             engine,

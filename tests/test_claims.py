@@ -15,10 +15,11 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import claims, config, db
+from syncd import claims, config, db, sync
+from syncd import simulator as sim
 from syncd.claims import Ended, Outcome
 from syncd.models import RunStatus
-from tests.fixtures.helpers import fetch_all
+from tests.fixtures.helpers import fetch_all, tenant_for
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
@@ -303,3 +304,40 @@ async def test_failures_are_counted_whichever_replica_runs_the_tenant(
     assert failures == [1, 2, 3, 4]
     look = await _claim(engine, "b")
     assert (await _release(engine, look, "b", Ended.OK)).failures == 0
+
+
+# --- `syncd sync`: a manual override -------------------------------------------------------
+
+
+async def test_syncd_sync_runs_now_whatever_the_due_time_and_moves_it(
+    sim_state: sim.SimulatorState, simulator: str, engine: AsyncEngine
+) -> None:
+    tenant = tenant_for(sim_state.tenants["tenant-1"], simulator, interval="15m")
+    cli = claims.Replica("cli", 4.0)
+    first = await sync.sync_now(tenant, engine, replica=cli)
+    assert first.status is RunStatus.SUCCEEDED
+    # Not due for 15 minutes: a daemon would not run it, `syncd sync` does, and moves it.
+    assert (await claims.claim(engine, tenant, "daemon")).outcome is Outcome.NOT_DUE
+    due_before = await _due_at(engine)
+    second = await sync.sync_now(tenant, engine, replica=cli)
+    assert second.status is RunStatus.SUCCEEDED
+    query = "SELECT started_at FROM syncd.runs WHERE id = :id"
+    started = (await fetch_all(engine, query, id=second.run_id))[0][0]
+    assert due_before < await _due_at(engine)
+    assert abs((await _due_at(engine) - started) - timedelta(minutes=15)) < timedelta(seconds=1)
+
+    # A daemon holds the tenant: `syncd sync` skips it as busy and leaves its claim alone.
+    await _shift(engine, "due_at", -timedelta(minutes=15))
+    assert (await claims.claim(engine, tenant, "daemon")).outcome is Outcome.WON
+    busy = await sync.sync_now(tenant, engine, replica=cli)
+    assert (busy.status, busy.error) == (RunStatus.SKIPPED, sync.BUSY)
+    runs = await fetch_all(engine, "SELECT replica FROM syncd.sync_runs ORDER BY id")
+    assert runs == [("cli",), ("cli",)]
+    assert await fetch_all(engine, "SELECT claimed_by FROM syncd.schedule") == [("daemon",)]
+
+
+async def _due_at(engine: AsyncEngine) -> datetime:
+    rows = await fetch_all(engine, "SELECT due_at FROM syncd.schedule")
+    assert len(rows) == 1
+    due: datetime = rows[0][0]
+    return due
