@@ -411,6 +411,14 @@ async def test_sigterm_lets_runs_finish_within_grace_then_interrupts_the_rest(
     assert [row[:2] for row in rows] == [("tenant-1", "failed"), ("tenant-2", "succeeded")]
     assert "interrupted" in rows[0][2]
     assert await _running_rows(engine) == []
+    # No claim is left behind: the interrupted tenant is still due (another replica runs it
+    # at once), the finished one due in an hour; tenant-3 was never claimed.
+    schedule = await fetch_all(
+        engine,
+        "SELECT t.name, s.claimed_by, s.due_at <= now() FROM syncd.schedule s "
+        "JOIN syncd.tenants t ON t.id = s.tenant_id ORDER BY t.name",
+    )
+    assert schedule == [("tenant-1", None, True), ("tenant-2", None, False)]
     _assert_clean_logs(daemon, [t.api_key for t in sim_state.tenants.values()])
     assert daemon.log_events("grace period over: cancelling runs in progress")
 

@@ -1,6 +1,7 @@
 """Three `syncd run` replicas on one database share 30 tenants: each tenant is synced once
 per interval in total, never twice at once, by every replica in turn; SIGKILL one and the
-others take its tenants over within one interval plus the run timeout.
+others take its tenants over within one interval plus the run timeout. And a reload: a
+changed tenant runs at once, and its new schedule sets its due time.
 
 Everything is judged from `syncd.runs` on the database's clock (started_at, finished_at,
 replica), never from this process's timing: the test only waits for time to pass.
@@ -23,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from syncd import simulator as sim
 from tests.fixtures.fault_helpers import assert_history_sound, tenant_block, wait_for, write_config
 from tests.fixtures.helpers import fetch_all
-from tests.test_daemon import DaemonProcess, running_daemon
+from tests.test_daemon import DaemonProcess, running_daemon, serving_daemon
 
 pytestmark = pytest.mark.slow
 
@@ -213,3 +214,48 @@ async def test_three_replicas_share_the_tenants_and_take_over_from_a_killed_one(
     everything = await _runs(engine)
     assert _overlaps(everything) == []
     await assert_history_sound(engine)
+
+
+async def test_a_reload_runs_a_changed_tenant_at_once_and_its_schedule_sets_the_due_time(
+    sim_state: sim.SimulatorState, simulator: str, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    tenants = [sim_state.tenants["tenant-1"], sim_state.tenants["tenant-2"]]
+
+    def write(tenant_1_interval: str) -> Path:
+        return write_config(
+            tmp_path / "syncd.toml",
+            "postgresql://unused@127.0.0.1:1/unused",  # serve() is given the engine
+            [
+                tenant_block(tenants[0], simulator, interval=tenant_1_interval),
+                tenant_block(tenants[1], simulator, interval="1h"),
+            ],
+            daemon={"startup_spread": "100ms"},
+        )
+
+    async def schedule() -> dict[str, tuple[Any, ...]]:
+        rows = await fetch_all(
+            engine,
+            "SELECT t.name, s.schedule, s.due_at - r.started_at, "
+            "(SELECT count(*) FROM syncd.runs WHERE tenant_id = t.id AND status = 'succeeded') "
+            "FROM syncd.schedule s JOIN syncd.tenants t ON t.id = s.tenant_id "
+            "JOIN LATERAL (SELECT started_at FROM syncd.runs WHERE tenant_id = t.id "
+            "ORDER BY id DESC LIMIT 1) r ON true",
+        )
+        return {row[0]: row[1:] for row in rows}
+
+    async def runs_done(count: int) -> dict[str, tuple[Any, ...]] | None:
+        found = await schedule()
+        done = len(found) == 2 and found["tenant-1"][2] == count and found["tenant-2"][2] == 1
+        return found if done else None
+
+    async with serving_daemon(write("1h"), engine) as (daemon, _):
+        first = await wait_for(lambda: runs_done(1), what="a first run of both tenants")
+        assert first["tenant-1"][0] == "every 3600s"
+        write("30m")
+        daemon.reload()
+        # Due in an hour, but changed: it runs at once, and its new schedule sets the due
+        # time (tenant-2, unchanged, keeps its own).
+        second = await wait_for(lambda: runs_done(2), what="the changed tenant's run")
+    assert second["tenant-1"][0] == "every 1800s"
+    assert abs(second["tenant-1"][1] - timedelta(minutes=30)) < timedelta(seconds=1)
+    assert second["tenant-2"][0] == "every 3600s"

@@ -1,16 +1,20 @@
-"""The scheduler's and the daemon's decisions, as pure functions (no loop, no I/O).
+"""The scheduler's and the daemon's decisions, as pure functions (no loop, no I/O), and
+what the scheduler takes in from the database (`refresh`).
 
 The claims' decisions (due times, backoff, when to look again) are in test_claims.py.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import dataclasses
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import SecretStr
 
-from syncd import claims, config, daemon, scheduler
+from syncd import claims, config, daemon, metrics, scheduler, status
+from syncd.models import RunStatus
+from syncd.sync import SyncResult
 
 
 def _tenant(name: str, **settings: object) -> config.Tenant:
@@ -105,3 +109,49 @@ def test_restart_needed_names_settings_that_cannot_change_live() -> None:
     ]
     assert "daemon.listen" not in daemon.restart_needed(running, new, listen_overridden=True)
     assert daemon.restart_needed(running, running, listen_overridden=False) == []
+
+
+def test_refresh_takes_in_newer_runs_of_other_replicas_and_keeps_its_own_newer_ones() -> None:
+    async def never(tenant: config.Tenant) -> SyncResult:
+        raise AssertionError("refresh runs nothing")
+
+    daemon_config = config.DaemonConfig(replica_name="me")
+    registry = metrics.Metrics()
+    tenant_scheduler = scheduler.TenantScheduler(
+        sync=never,
+        engine=None,  # type: ignore[arg-type]  # refresh never touches the database
+        daemon=daemon_config,
+        sync_metrics=registry,
+        blocked=lambda: None,
+        on_database_error=lambda: None,
+    )
+    tenant_scheduler.apply([_tenant("a")], daemon_config)
+    stored = status.TenantStatus(
+        "a",
+        last_run_at=NOW,
+        last_status=RunStatus.SUCCEEDED,
+        last_success_at=NOW,
+        pairs=5,
+        last_run_id=7,
+        last_replica="other",
+        due_at=NOW + timedelta(minutes=15),
+        consecutive_failures=0,
+    )
+    tenant_scheduler.refresh([stored])
+    row = tenant_scheduler.status()[0]
+    assert (row.last_run_id, row.last_replica, row.pairs) == (7, "other", 5)
+    assert row.due_at == NOW + timedelta(minutes=15) and row.claimed_by is None
+    assert registry.registry.get_sample_value("syncd_pairs_current", {"tenant": "a"}) == 5
+
+    # An older run (this replica saw run 7 already) changes nothing but the due time.
+    older = dataclasses.replace(
+        stored, last_run_id=6, last_replica="stale", pairs=1, claimed_by="third"
+    )
+    tenant_scheduler.refresh([older])
+    row = tenant_scheduler.status()[0]
+    assert (row.last_run_id, row.last_replica, row.pairs, row.claimed_by) == (
+        7,
+        "other",
+        5,
+        "third",
+    )
