@@ -7,11 +7,13 @@ is alive. The winner runs the tenant; `release` then sets the next due time from
 winner's schedule and clears the claim. `syncd sync` claims regardless of the due time (a
 manual override) but never takes a tenant another process holds.
 
-A claim lasts the tenant's `[sync] run_timeout`: a replica that dies mid-run leaves one that
-expires, and a run that the next claimant closes as abandoned (`sync.sync_tenant` keeps its
-advisory lock as a second line of defence). The times that decide are the database's
-(`now()`), so replicas with skewed clocks agree; a replica only turns "due in 3.2 s" into a
-time of its own clock, with a monotonic clock.
+A claim lasts at most the tenant's `[sync] run_timeout`. A replica that dies mid-run leaves
+a run that the next claimant closes as abandoned; its claim is taken over as soon as its
+database session is gone (a live holder keeps the tenant's advisory lock while its run is
+`running`), and expires anyway after `run_timeout`. `sync.sync_tenant` keeps that advisory
+lock as a second line of defence. The times that decide are the database's, so replicas
+with skewed clocks agree; a replica only turns "due in 3.2 s" into a time of its own clock,
+with a monotonic clock.
 
 The decisions (next due time, failure backoff, when to look again) are pure functions at the
 top; `claim` and `release` are the I/O.
@@ -245,11 +247,14 @@ async def claim(
     release failed; `syncd sync` passes False, so it never takes a daemon's claim even under
     a shared `replica_name`. Raises `errors.DatabaseError` when the database fails.
     """
+    sent_s = 0.0
     with db.database_errors("cannot claim the tenant"):
         async with engine.begin() as connection:
-            sent_s = time.monotonic()
 
             async def attempt() -> store.ClaimRow | None:
+                nonlocal sent_s
+                # The statement's timestamp is the database's clock when it was sent, about.
+                sent_s = time.monotonic()
                 return await store.try_claim(
                     connection,
                     tenant.name,
@@ -282,7 +287,6 @@ async def claim(
         claimed_at=row.claimed_at if live_claim and not row.won else None,
         claimed_until=row.claimed_until if live_claim and not row.won else None,
         db_now=row.now,
-        # now() is the transaction's start: the moment the first statement was sent, about.
         monotonic_s=sent_s,
     )
 

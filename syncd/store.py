@@ -637,15 +637,21 @@ async def try_claim(
 
     One conditional UPDATE decides: two replicas that try at once queue on the row's lock,
     and the second re-checks the condition against the first one's claim (PostgreSQL's
-    READ COMMITTED update rule), so exactly one wins. The claim expires `run_timeout_s`
-    after it was taken. `regardless_of_due` claims a tenant that is not due yet (a manual
-    sync); `reclaim_own` takes back a claim this replica still holds (its release failed).
-    None when the tenant has no schedule row yet (see `add_schedule`).
+    READ COMMITTED update rule), so exactly one wins. A claim is alive until it expires,
+    `run_timeout_s` after it was taken, unless its holder died mid-run: a holder holds the
+    tenant's advisory lock for as long as its run is `running`, so a run started under the
+    claim that is still `running` while nobody holds the lock was left by a dead process
+    (the claimant closes it as abandoned). `regardless_of_due` claims a tenant that is not
+    due yet (a manual sync); `reclaim_own` takes back a claim this replica still holds (its
+    release failed). None when the tenant has no schedule row yet (see `add_schedule`).
+
+    Times are the statement's (`statement_timestamp()`), not its transaction's: a row that
+    another transaction inserted while this one waited is due by this statement's clock.
     """
     row = (
         await connection.execute(
             sa.text(
-                """
+                f"""
                 WITH target AS (
                     SELECT s.tenant_id, s.due_at, s.failures,
                            s.claimed_by, s.claimed_at, s.claimed_until
@@ -655,19 +661,32 @@ async def try_claim(
                 ), claimed AS (
                     UPDATE syncd.schedule s
                        SET claimed_by = :replica,
-                           claimed_at = now(),
-                           claimed_until = now() + make_interval(secs => :run_timeout_s)
+                           claimed_at = statement_timestamp(),
+                           claimed_until = statement_timestamp()
+                                           + make_interval(secs => :run_timeout_s)
                       FROM target
                      WHERE s.tenant_id = target.tenant_id
-                       AND (s.due_at <= now() OR :regardless_of_due)
+                       AND (s.due_at <= statement_timestamp() OR :regardless_of_due)
                        AND (s.claimed_until IS NULL
-                            OR s.claimed_until <= now()
-                            OR (:reclaim_own AND s.claimed_by = :replica))
+                            OR s.claimed_until <= statement_timestamp()
+                            OR (:reclaim_own AND s.claimed_by = :replica)
+                            OR (EXISTS (SELECT FROM syncd.runs r
+                                         WHERE r.tenant_id = s.tenant_id
+                                           AND r.status = '{RunStatus.RUNNING}'
+                                           AND r.started_at >= s.claimed_at)
+                                AND NOT EXISTS (
+                                    SELECT FROM pg_locks l
+                                     WHERE l.locktype = 'advisory'
+                                       AND l.database = (SELECT oid FROM pg_database
+                                                          WHERE datname = current_database())
+                                       AND l.classid = :namespace
+                                       AND l.objid = s.tenant_id
+                                       AND l.objsubid = 2)))
                     RETURNING s.tenant_id
                 )
                 SELECT target.tenant_id, EXISTS (SELECT FROM claimed), target.due_at,
                        target.failures, target.claimed_by, target.claimed_at,
-                       target.claimed_until, now()
+                       target.claimed_until, statement_timestamp()
                   FROM target
                 """
             ),
@@ -677,6 +696,7 @@ async def try_claim(
                 "run_timeout_s": run_timeout_s,
                 "regardless_of_due": regardless_of_due,
                 "reclaim_own": reclaim_own,
+                "namespace": LOCK_NAMESPACE,
             },
         )
     ).one_or_none()

@@ -11,11 +11,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import claims, config, db, sync
+from syncd import claims, config, db, store, sync
 from syncd import simulator as sim
 from syncd.claims import Ended, Outcome
 from syncd.models import RunStatus
@@ -269,6 +270,36 @@ async def test_a_dead_replicas_claim_expires_after_the_run_timeout(engine: Async
     assert not (await _release(engine, dead, "dead")).released
     holder = await fetch_all(engine, "SELECT claimed_by FROM syncd.schedule")
     assert holder == [("alive",)]
+
+
+async def test_the_claim_of_a_process_that_died_mid_run_is_taken_over_at_once(
+    engine: AsyncEngine, db_url: str
+) -> None:
+    """A holder keeps the tenant's advisory lock while its run is `running`: a `running` run
+    under a claim, with the lock free, was left by a dead process (no run_timeout wait)."""
+    holder = await _claim(engine, "holder")
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql(
+            "INSERT INTO syncd.runs (tenant_id, started_at, status, replica) "
+            f"VALUES ({holder.tenant_id}, now(), 'running', 'holder')"
+        )
+    alive = await asyncpg.connect(db_url)
+    try:
+        # Alive: it holds the tenant's lock (as sync_tenant does) while the run is running.
+        locked = await alive.fetchval(
+            "SELECT pg_try_advisory_lock($1, $2)", store.LOCK_NAMESPACE, holder.tenant_id
+        )
+        assert locked
+        assert (await _claim(engine, "other")).outcome is Outcome.TAKEN
+        # It dies: its session's locks go (here at once, rather than when the server
+        # notices the closed connection).
+        await alive.execute("SELECT pg_advisory_unlock_all()")
+    finally:
+        await alive.close()
+    # The claim is free long before it expires.
+    taken_over = await _claim(engine, "other")
+    assert taken_over.outcome is Outcome.WON
+    assert not (await _release(engine, holder, "holder")).released
 
 
 async def test_a_replica_takes_back_its_own_claim_but_a_manual_sync_never_does(
