@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import stat
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -245,6 +246,11 @@ class DatabaseConfig(_Model):
         return SecretStr(normalize_database_url(text))
 
 
+def default_replica_name() -> str:
+    """This process's name among replicas when `[daemon] replica_name` is unset: host-pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 class DaemonConfig(_Model):
     """`[daemon]`: settings of `syncd run`."""
 
@@ -253,12 +259,25 @@ class DaemonConfig(_Model):
     shutdown_grace_s: Duration = Field(default=30.0, alias="shutdown_grace")
     startup_spread_s: Duration = Field(default=10.0, alias="startup_spread")
     max_failure_backoff_factor: Annotated[float, Field(ge=1.0, le=100.0)] = 4.0
+    # Who claims tenants and runs them (`syncd.runs.replica`): unique per process.
+    replica_name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
 
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
         parse_listen(value)
         return value
+
+    @field_validator("replica_name")
+    @classmethod
+    def _printable_replica(cls, value: str | None) -> str | None:
+        if value is not None and (value != value.strip() or not value.isprintable()):
+            raise ValueError("must be printable, without leading or trailing spaces")
+        return value
+
+    def replica(self) -> str:
+        """`replica_name`, or host-pid when unset."""
+        return self.replica_name or default_replica_name()
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import config, errors, logs, sync
+from syncd import claims, config, errors, logs, sync
 from syncd.models import RunStatus
 
 
@@ -87,6 +87,7 @@ async def sync_with_progress(
     max_concurrent_tenants: int,
     allow_mass_delete: bool = False,
     scrubber: logs.SecretScrubber | None = None,
+    replica: claims.Replica | None = None,
 ) -> list[sync.SyncResult]:
     """`sync.sync_tenants` with progress bars on a terminal, plain log lines otherwise."""
     if not console.is_terminal:
@@ -96,6 +97,7 @@ async def sync_with_progress(
             max_concurrent_tenants=max_concurrent_tenants,
             allow_mass_delete=allow_mass_delete,
             scrubber=scrubber,
+            replica=replica,
         )
     columns = (
         TextColumn("{task.description}"),
@@ -111,6 +113,7 @@ async def sync_with_progress(
             allow_mass_delete=allow_mass_delete,
             progress=RichProgress(bar),
             scrubber=scrubber,
+            replica=replica,
         )
 
 

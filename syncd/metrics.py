@@ -135,6 +135,13 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.claims = Counter(
+            "syncd_claims",
+            "Looks at a tenant's due time and claim, by result: won (this replica runs it), "
+            "not_due, taken (another process holds it), error (the database failed).",
+            ["result"],
+            registry=registry,
+        )
         self.config_reloads = Counter(
             "syncd_config_reloads",
             "Configuration reloads on SIGHUP (reloads), by result.",
@@ -191,9 +198,17 @@ class Metrics:
         """Records the period of a tenant's (re)scheduled runs."""
         self.schedule_period.labels(tenant=tenant).set(period_s)
 
-    def seed_tenant(self, tenant: str, pairs: int, last_success_at: datetime | None) -> None:
-        """Sets the gauges of a tenant from what the database held at start."""
+    def seed_tenant(
+        self,
+        tenant: str,
+        pairs: int,
+        last_success_at: datetime | None,
+        consecutive_failures: int = 0,
+    ) -> None:
+        """Sets the gauges of a tenant from what the database holds (another replica's runs,
+        or runs before this process started)."""
         self.pairs_current.labels(tenant=self._label(tenant)).set(pairs)
+        self.consecutive_failures.labels(tenant=self._label(tenant)).set(consecutive_failures)
         if last_success_at is not None:
             self.last_success.labels(tenant=self._label(tenant)).set(last_success_at.timestamp())
 

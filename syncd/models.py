@@ -135,6 +135,37 @@ class RunRow(Base):
     # Each collection's outcome, by name: {"status", "pages", "seen", "added", "removed",
     # "changed", "error"}; NULL for runs before syncd synced several collections.
     collections: Mapped[dict[str, object] | None] = mapped_column(JSONB)
+    # `[daemon] replica_name` of the process that ran it; NULL for runs before replicas.
+    replica: Mapped[str | None] = mapped_column(Text)
+
+
+class ScheduleRow(Base):
+    """When each tenant is next due, and which replica holds it now (see `claims`).
+
+    Every replica's local timer asks this table; one conditional UPDATE decides who runs.
+    A claim lasts at most the tenant's `run_timeout`: a replica that dies mid-run leaves a
+    claim that expires, never one that blocks the tenant for good.
+    """
+
+    __tablename__ = "schedule"
+    __table_args__ = (
+        CheckConstraint(
+            "(claimed_by IS NULL) = (claimed_at IS NULL) "
+            "AND (claimed_by IS NULL) = (claimed_until IS NULL)",
+            name="claim_whole",
+        ),
+    )
+
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    due_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The schedule that set `due_at` ("every 900s", "cron */15 * * * *"): during a rolling
+    # config change, the replica that finishes a run decides the next due time.
+    schedule: Mapped[str | None] = mapped_column(Text)
+    # Failed runs in a row, whichever replica ran them: the failure backoff is shared.
+    failures: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    claimed_by: Mapped[str | None] = mapped_column(Text)
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class LinkRow(Base):

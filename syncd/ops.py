@@ -22,7 +22,20 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import collections, config, console, db, errors, logs, models, status, store, sync, vspc
+from syncd import (
+    claims,
+    collections,
+    config,
+    console,
+    db,
+    errors,
+    logs,
+    models,
+    status,
+    store,
+    sync,
+    vspc,
+)
 from syncd.models import RunStatus
 
 # `check` is interactive: a dead server should be reported in seconds, not after the full
@@ -51,7 +64,9 @@ async def cmd_migrate(
 async def cmd_sync(
     args: argparse.Namespace, cfg: config.Config, scrubber: logs.SecretScrubber
 ) -> int:
-    """`syncd sync`: every (or each named) tenant once; 0 when all succeeded, else 1."""
+    """`syncd sync`: every (or each named) tenant once, now, whatever its due time (a tenant
+    a daemon is running is skipped as busy), moving its due time; 0 when all succeeded,
+    else 1."""
     tenants = cfg.select_tenants(args.tenant)
     if args.allow_mass_delete and not args.tenant:
         raise errors.UsageError(
@@ -66,6 +81,7 @@ async def cmd_sync(
             max_concurrent_tenants=cfg.daemon.max_concurrent_tenants,
             allow_mass_delete=args.allow_mass_delete,
             scrubber=scrubber,
+            replica=claims.Replica.of(cfg.daemon),
         )
     out.print(console.summary_table(results))
     return console.sync_exit_code(results)

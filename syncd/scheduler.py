@@ -1,11 +1,19 @@
-"""When each tenant syncs: APScheduler wiring, the global concurrency cap, failure backoff.
+"""When each tenant syncs: local timers, claims, the global concurrency cap.
 
-One APScheduler job per tenant awaits the same `sync.sync_tenant` as `syncd sync`; this
-module adds only timing. The decisions (jitter, stagger, backoff, misfire grace, what a
-reload changes) are pure functions at the top; `TenantScheduler` applies them.
+One APScheduler job per tenant is this replica's local clock; it decides nothing on its
+own. When it fires, the replica asks the database (`claims.claim`) whether the tenant is
+due and free; only the replica whose claim succeeds runs it, with the same
+`sync.sync_tenant` as `syncd sync`, and then sets the next due time (`claims.release`).
+The fire after that is set from what the database said (the due time, or when another
+replica's run should end), plus jitter, so the replicas look at a tenant about once per
+interval each, and whichever looks first after it is due runs it. The job's own interval
+trigger stays underneath: whatever happens, every tenant is looked at once per period.
+
+The decisions (jitter, stagger, misfire grace, what a reload changes) are pure functions at
+the top, as are the claims' (`claims`); `TenantScheduler` applies them.
 
 A failing tenant only ever holds its own job and, while it runs, one concurrency slot: its
-errors become a `failed` result, its backoff moves only its own next run.
+errors become a `failed` result, its backoff moves only its own due time.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,10 +32,10 @@ from typing import Any
 import structlog
 from apscheduler.job import Job
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import config, metrics, status, sync
+from syncd import claims, config, errors, metrics, status, sync
 from syncd.models import RunStatus
 from syncd.sync import SyncResult
 
@@ -68,35 +78,6 @@ def stagger_offsets_s(count: int, spread_s: float) -> list[float]:
     return [index * step for index in range(count)]
 
 
-def failure_backoff_factor(consecutive_failures: int, max_factor: float) -> float:
-    """How many periods to wait after `consecutive_failures` failed runs in a row.
-
-    The first failure keeps the schedule (one period); each further one doubles the wait,
-    up to `max_factor` periods.
-    """
-    if consecutive_failures <= 1:
-        return 1.0
-    return min(2.0 ** min(consecutive_failures - 1, 60), max_factor)
-
-
-def next_run_after_failure(
-    *,
-    planned: datetime | None,
-    finished_at: datetime,
-    period_s: float,
-    consecutive_failures: int,
-    max_factor: float,
-) -> datetime | None:
-    """The earliest time of a failing tenant's next run, or None to keep the `planned` one."""
-    factor = failure_backoff_factor(consecutive_failures, max_factor)
-    if factor <= 1.0:
-        return None
-    earliest = finished_at + timedelta(seconds=period_s * factor)
-    if planned is not None and planned >= earliest:
-        return None
-    return earliest
-
-
 @dataclass(frozen=True)
 class ReloadPlan:
     """What a new tenant list changes, by tenant name."""
@@ -118,36 +99,16 @@ def plan_reload(current: Mapping[str, config.Tenant], new: Sequence[config.Tenan
     )
 
 
-def schedule_text(settings: config.SyncSettings) -> str:
-    """The tenant's schedule as people read it ("every 900s", "cron */15 * * * *")."""
-    if settings.cron is not None:
-        return f"cron {settings.cron}"
-    return f"every {settings.interval_s:g}s"
-
-
 def make_trigger(settings: config.SyncSettings, now: datetime) -> tuple[Any, float]:
     """(APScheduler trigger, its period in seconds) for a tenant's schedule.
 
     Cron expressions are read in the host's local time zone, as crontab does.
     """
+    period_s = claims.period_s(settings, now)
     if settings.cron is None:
-        period_s = settings.interval_s
         trigger = IntervalTrigger(seconds=period_s, jitter=jitter_s(period_s), timezone=UTC)
         return trigger, period_s
-    minute, hour, day, month, day_of_week = settings.cron.split()
-    plain = CronTrigger(minute=minute, hour=hour, day=day, month=month, day_of_week=day_of_week)
-    first = plain.get_next_fire_time(None, now)
-    second = plain.get_next_fire_time(first, first + timedelta(seconds=1)) if first else None
-    period_s = (second - first).total_seconds() if first and second else settings.interval_s
-    trigger = CronTrigger(
-        minute=minute,
-        hour=hour,
-        day=day,
-        month=month,
-        day_of_week=day_of_week,
-        jitter=jitter_s(period_s),
-    )
-    return trigger, period_s
+    return claims.cron_trigger(settings, jitter_s=jitter_s(period_s)), period_s
 
 
 # --- state -----------------------------------------------------------------------------------
@@ -159,6 +120,8 @@ class TenantState:
 
     tenant: config.Tenant
     period_s: float
+    # Claim once regardless of the due time (the tenant changed on reload: run it soon).
+    force_claim: bool = False
     consecutive_failures: int = 0
     running_since: datetime | None = None
     queued_since: datetime | None = None
@@ -172,6 +135,12 @@ class TenantState:
     last_success_at: datetime | None = None
     pairs: int | None = None
     collections: dict[str, dict[str, Any]] | None = None
+    last_replica: str | None = None
+    # The newest run known here (this replica's, or any replica's read from the database).
+    seen_run_id: int = 0
+    # From the last look at the database: the due time, and who else holds a claim.
+    due_at: datetime | None = None
+    claimed_by: str | None = None
 
 
 class _TenantOfJob(logging.Filter):
@@ -206,7 +175,8 @@ def _tenant_on_apscheduler_lines() -> Iterator[None]:
 
 
 class TenantScheduler:
-    """Runs every tenant's sync on its schedule, at most `max_concurrent_tenants` at once.
+    """Runs every tenant's sync when it is due and this replica claims it, at most
+    `max_concurrent_tenants` at once.
 
     Build it with `open_scheduler`, which starts it and stops it gracefully on exit.
     `blocked()` names why no run may start now (the database is down), or returns None.
@@ -216,13 +186,16 @@ class TenantScheduler:
         self,
         *,
         sync: SyncFunction,
+        engine: AsyncEngine,
         daemon: config.DaemonConfig,
         sync_metrics: metrics.Metrics,
         blocked: Callable[[], str | None],
         on_database_error: Callable[[], None],
     ) -> None:
         self._sync = sync
+        self._engine = engine
         self._daemon = daemon
+        self._replica = claims.Replica.of(daemon)
         self._metrics = sync_metrics
         self._blocked = blocked
         self._on_database_error = on_database_error
@@ -232,6 +205,7 @@ class TenantScheduler:
         self._queued: set[asyncio.Task[Any]] = set()
         self._running: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self._rng = random.Random()  # noqa: S311 - spreading timers, not cryptography
 
     @property
     def running(self) -> bool:
@@ -240,15 +214,23 @@ class TenantScheduler:
 
     # --- configuration -------------------------------------------------------------------
 
-    def apply(self, tenants: Sequence[config.Tenant], daemon: config.DaemonConfig) -> ReloadPlan:
-        """Schedules `tenants`: new and changed ones run soon, removed ones are dropped.
+    def apply(
+        self, tenants: Sequence[config.Tenant], daemon: config.DaemonConfig, *, reload: bool = False
+    ) -> ReloadPlan:
+        """Schedules `tenants`: new and changed ones are looked at soon, removed ones dropped.
 
-        `daemon.max_concurrent_tenants` is fixed for the process (the database pool is sized
-        from it); the other `[daemon]` settings apply from now on.
+        A look at a new tenant runs it if it is due (a tenant never seen is due at once). On
+        `reload`, changed tenants run soon whatever their due time, so a new key or
+        schedule shows at once. `daemon.max_concurrent_tenants` and `replica_name` are fixed
+        for the process; the other `[daemon]` settings apply from now on.
         """
         self._daemon = daemon.model_copy(
-            update={"max_concurrent_tenants": self._daemon.max_concurrent_tenants}
+            update={
+                "max_concurrent_tenants": self._daemon.max_concurrent_tenants,
+                "replica_name": self._daemon.replica_name,
+            }
         )
+        self._replica = claims.Replica(self._replica.name, daemon.max_failure_backoff_factor)
         plan = plan_reload({name: s.tenant for name, s in self._states.items()}, tenants)
         for name in plan.removed:
             self._remove(name)
@@ -256,13 +238,21 @@ class TenantScheduler:
         fresh = [by_name[name] for name in (*plan.changed, *plan.added)]
         now = datetime.now(UTC)
         offsets = stagger_offsets_s(len(fresh), self._daemon.startup_spread_s)
+        changed = set(plan.changed) if reload else set()
         for tenant, offset_s in zip(fresh, offsets, strict=True):
-            self._add(tenant, first_run=now + timedelta(seconds=offset_s))
+            self._add(
+                tenant,
+                first_run=now + timedelta(seconds=offset_s),
+                force_claim=tenant.name in changed,
+            )
         return plan
 
-    def _add(self, tenant: config.Tenant, *, first_run: datetime) -> None:
+    def _add(self, tenant: config.Tenant, *, first_run: datetime, force_claim: bool) -> None:
         trigger, period_s = make_trigger(tenant.settings, datetime.now(UTC))
-        self._states[tenant.name] = TenantState(tenant=tenant, period_s=period_s)
+        # What is known of its runs comes back from the database at the next refresh.
+        self._states[tenant.name] = TenantState(
+            tenant=tenant, period_s=period_s, force_claim=force_claim
+        )
         self._metrics.tenant_scheduled(tenant.name, period_s)
         self._scheduler.add_job(
             self._fire,
@@ -279,8 +269,8 @@ class TenantScheduler:
         log.info(
             "tenant scheduled",
             tenant=tenant.name,
-            schedule=schedule_text(tenant.settings),
-            first_run=status.iso(first_run),
+            schedule=claims.schedule_text(tenant.settings),
+            first_look=status.iso(first_run),
         )
 
     def _remove(self, name: str) -> None:
@@ -292,7 +282,7 @@ class TenantScheduler:
         log.info("tenant unscheduled", tenant=name)
 
     def run_waiting_soon(self) -> None:
-        """Brings forward the runs skipped while the daemon was not ready, staggered."""
+        """Brings forward the looks skipped while the daemon was not ready, staggered."""
         waiting = [s for s in self._states.values() if s.waiting_for is not None]
         now = datetime.now(UTC)
         offsets = stagger_offsets_s(len(waiting), self._daemon.startup_spread_s)
@@ -304,10 +294,24 @@ class TenantScheduler:
         with contextlib.suppress(Exception):  # the job left with its tenant meanwhile
             self._scheduler.modify_job(JOB_PREFIX + name, next_run_time=when)
 
+    def _look_again(self, state: TenantState, monotonic_s: float, delay_s: float) -> None:
+        """Sets the tenant's next local fire `delay_s` after the instant `monotonic_s` (this
+        process's monotonic clock), plus jitter.
+
+        The jitter spreads the replicas' looks, so which one claims a due tenant first is
+        a matter of chance: the runs spread over the replicas.
+        """
+        if self._stopping:
+            return
+        jitter = self._rng.uniform(0.0, jitter_s(state.period_s))
+        since_s = time.monotonic() - monotonic_s
+        when = datetime.now(UTC) + timedelta(seconds=delay_s + jitter - since_s)
+        self._move_next_run(state.tenant.name, when)
+
     # --- runs ----------------------------------------------------------------------------
 
     async def _fire(self, name: str) -> None:
-        """The job of tenant `name`: one run, unless the daemon is stopping or not ready."""
+        """The job of tenant `name`: one look, and a run if this replica claims the tenant."""
         state = self._states.get(name)
         if state is None or self._stopping:
             return
@@ -320,24 +324,21 @@ class TenantScheduler:
             state.waiting_for = None
             task = asyncio.current_task()
             assert task is not None
-            started: datetime | None = None
             self._queued.add(task)
             state.queued_since = datetime.now(UTC)
             try:
+                # A slot first, then the claim: a replica with no free slot leaves a due
+                # tenant to the others instead of holding it while it waits.
                 async with self._slots:
                     self._queued.discard(task)
                     state.queued_since = None
                     if self._stopping:
                         return
                     self._running.add(task)
-                    self._metrics.runs_in_progress.inc()
-                    state.running_since = datetime.now(UTC)
                     try:
-                        result, tenant_failed = await self._run(state.tenant)
+                        await self._claim_and_run(state)
                     finally:
                         self._running.discard(task)
-                        self._metrics.runs_in_progress.dec()
-                        started, state.running_since = state.running_since, None
             except asyncio.CancelledError:
                 if not self._stopping:
                     raise
@@ -347,10 +348,63 @@ class TenantScheduler:
             finally:
                 self._queued.discard(task)
                 state.queued_since = None
-            self._record(name, started, result, tenant_failed=tenant_failed)
 
-    async def _run(self, tenant: config.Tenant) -> tuple[SyncResult, bool]:
-        """(result, whether it counts as the tenant's own failure) of one run.
+    async def _claim_and_run(self, state: TenantState) -> None:
+        tenant = state.tenant
+        try:
+            look = await claims.claim(
+                self._engine, tenant, self._replica.name, regardless_of_due=state.force_claim
+            )
+        except errors.DatabaseError as exc:
+            # The tenant's own timer looks again within a period; readiness is re-checked.
+            self._metrics.claims.labels(result="error").inc()
+            log.warning("cannot claim the tenant", error=str(exc))
+            self._on_database_error()
+            return
+        state.force_claim = False
+        self._metrics.claims.labels(result=str(look.outcome)).inc()
+        state.due_at, state.claimed_by = look.due_at, look.claimed_by
+        if look.outcome is not claims.Outcome.WON:
+            log.debug(
+                "not claimed",
+                outcome=str(look.outcome),
+                due_at=status.iso(look.due_at),
+                claimed_by=look.claimed_by,
+            )
+            self._look_again(state, look.monotonic_s, claims.next_look_s(look, tenant.settings))
+            return
+        self._metrics.runs_in_progress.inc()
+        state.running_since = datetime.now(UTC)
+        try:
+            result, how = await self._run(tenant)
+        finally:
+            self._metrics.runs_in_progress.dec()
+            started, state.running_since = state.running_since, None
+        # One instant on both clocks: the due time is computed from it on the database's
+        # clock, the next local fire on this process's.
+        ended_s, ended = time.monotonic(), datetime.now(UTC)
+        released: claims.Released | None = None
+        try:
+            released = await claims.release(
+                self._engine,
+                look,
+                self._replica,
+                tenant.settings,
+                how,
+                ended_monotonic_s=ended_s,
+            )
+        except errors.DatabaseError as exc:
+            # The claim stays: this replica takes it back at its next look (or it expires).
+            log.warning("cannot release the tenant's claim", error=str(exc))
+            self._on_database_error()
+        self._record(state.tenant.name, started, ended, result, how, released)
+        if released is not None:
+            state.due_at, state.claimed_by = released.due_at, None
+            delay_s = (released.due_at - look.db_time(ended_s)).total_seconds()
+            self._look_again(state, ended_s, claims.bound_look_s(delay_s, state.period_s))
+
+    async def _run(self, tenant: config.Tenant) -> tuple[SyncResult, claims.Ended]:
+        """(result, what it means for the schedule) of one run.
 
         `sync_tenant` returns a result whatever fails inside it; only cancellation comes
         out as an exception, and at shutdown that is expected.
@@ -360,27 +414,35 @@ class TenantScheduler:
         except asyncio.CancelledError:
             if not self._stopping:
                 raise
-            # sync_tenant has recorded the run as interrupted; end this job quietly.
+            # sync_tenant has recorded the run as interrupted; end this job quietly. The
+            # tenant stays due: another replica runs it.
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-            return SyncResult(tenant.name, RunStatus.FAILED, error=sync.INTERRUPTED), False
+            interrupted = SyncResult(tenant.name, RunStatus.FAILED, error=sync.INTERRUPTED)
+            return interrupted, claims.Ended.NOT_RUN
         if result.database_failure:
             # The database's trouble, not the tenant's: no backoff, but re-check readiness.
             self._on_database_error()
-            return result, False
-        return result, result.status is RunStatus.FAILED
+        return result, claims.ended(result.status, database_failure=result.database_failure)
 
     def _record(
-        self, name: str, started: datetime | None, result: SyncResult, *, tenant_failed: bool
+        self,
+        name: str,
+        started: datetime | None,
+        finished: datetime,
+        result: SyncResult,
+        how: claims.Ended,
+        released: claims.Released | None,
     ) -> None:
         state = self._states.get(name)
         if state is None:
             return  # the tenant left the configuration while it ran
-        finished = datetime.now(UTC)
-        if tenant_failed:
+        if released is not None:
+            state.consecutive_failures = released.failures
+        elif how is claims.Ended.TENANT_FAILED:
             state.consecutive_failures += 1
-        elif result.status in (RunStatus.SUCCEEDED, RunStatus.PARTIAL):
+        elif how is claims.Ended.OK:
             state.consecutive_failures = 0
         state.last_run_at = started
         state.last_finished_at = finished
@@ -388,6 +450,9 @@ class TenantScheduler:
         state.last_error = result.error
         state.last_run_id = result.run_id
         state.last_duration_s = round(result.duration_s, 3)
+        if result.run_id is not None:
+            state.last_replica = self._replica.name
+            state.seen_run_id = max(state.seen_run_id, result.run_id)
         if result.status is RunStatus.SUCCEEDED:
             state.last_success_at = finished
         if result.current_pairs is not None:
@@ -397,44 +462,36 @@ class TenantScheduler:
                 name: outcome.as_json() for name, outcome in result.collections.items()
             }
         self._metrics.record_run(result, state.consecutive_failures)
-        if tenant_failed and not self._stopping:
-            self._back_off(state, finished)
+        if how is claims.Ended.TENANT_FAILED and state.consecutive_failures > 1:
+            log.info(
+                "backing off after consecutive failures",
+                tenant=name,
+                consecutive_failures=state.consecutive_failures,
+                due_at=None if released is None else status.iso(released.due_at),
+            )
 
-    def _back_off(self, state: TenantState, finished: datetime) -> None:
-        name = state.tenant.name
-        job = self._scheduler.get_job(JOB_PREFIX + name)
-        if job is None:
-            return
-        earliest = next_run_after_failure(
-            planned=job.next_run_time,
-            finished_at=finished,
-            period_s=state.period_s,
-            consecutive_failures=state.consecutive_failures,
-            max_factor=self._daemon.max_failure_backoff_factor,
-        )
-        if earliest is None:
-            return
-        when = earliest
-        if state.tenant.settings.cron is not None:
-            # Keep cron tenants on their cron ticks: the first one after the backoff.
-            when = job.trigger.get_next_fire_time(None, earliest) or earliest
-        self._move_next_run(name, when)
-        log.info(
-            "backing off after consecutive failures",
-            tenant=name,
-            consecutive_failures=state.consecutive_failures,
-            next_run=status.iso(when),
-        )
-
-    def seed(self, stored: Sequence[status.TenantStatus]) -> None:
-        """Fills what is known from the database into tenants this process has not run yet,
-        so `/status` and the metrics survive a restart."""
+    def refresh(self, stored: Sequence[status.TenantStatus]) -> None:
+        """Takes in what the database knows of each tenant: due time, claim, and the latest
+        run when it is newer than any this process has seen (another replica's, or one
+        from before this process started), so `/status` and the gauges show the tenant's
+        state whichever replica ran it."""
         for row in stored:
             state = self._states.get(row.tenant)
-            if state is None or state.last_status is not None:
+            if state is None:
                 continue
+            state.due_at, state.claimed_by = row.due_at, row.claimed_by
+            newer = row.last_run_id is not None and row.last_run_id > state.seen_run_id
+            if not newer or state.running_since is not None:
+                continue
+            assert row.last_run_id is not None
+            state.seen_run_id = row.last_run_id
+            state.last_run_id = row.last_run_id
             state.last_run_at = row.last_run_at
             state.last_status = row.last_status
+            state.last_finished_at = row.last_finished_at
+            state.last_error = row.last_error
+            state.last_duration_s = row.last_duration_s
+            state.last_replica = row.last_replica
             state.last_success_at = row.last_success_at
             state.pairs = row.pairs
             state.collections = (
@@ -442,7 +499,10 @@ class TenantScheduler:
                 if row.collections is None
                 else {name: dict(outcome) for name, outcome in row.collections.items()}
             )
-            self._metrics.seed_tenant(row.tenant, row.pairs or 0, row.last_success_at)
+            state.consecutive_failures = row.consecutive_failures
+            self._metrics.seed_tenant(
+                row.tenant, row.pairs or 0, row.last_success_at, row.consecutive_failures
+            )
 
     # --- reporting -----------------------------------------------------------------------
 
@@ -463,7 +523,7 @@ class TenantScheduler:
                     pairs=state.pairs,
                     age_s=None if success is None else (now - success).total_seconds(),
                     collections=state.collections,
-                    schedule=schedule_text(state.tenant.settings),
+                    schedule=claims.schedule_text(state.tenant.settings),
                     period_s=state.period_s,
                     running_since=state.running_since,
                     queued_since=state.queued_since,
@@ -474,6 +534,9 @@ class TenantScheduler:
                     last_duration_s=state.last_duration_s,
                     next_run_at=next_run,
                     consecutive_failures=state.consecutive_failures,
+                    last_replica=state.last_replica,
+                    due_at=state.due_at,
+                    claimed_by=state.claimed_by,
                 )
             )
         return rows
@@ -487,7 +550,8 @@ class TenantScheduler:
     async def stop(self, grace_s: float) -> None:
         """Starts no more runs; lets runs in progress finish within `grace_s`, then cancels.
 
-        A cancelled run is recorded as failed "interrupted" by `sync_tenant` itself.
+        A cancelled run is recorded as failed "interrupted" by `sync_tenant` itself, and its
+        claim released with the tenant still due, so another replica runs it.
         """
         if self._stopping:
             return
@@ -519,6 +583,7 @@ async def open_scheduler(
     tenants: Sequence[config.Tenant],
     *,
     sync: SyncFunction,
+    engine: AsyncEngine,
     daemon: config.DaemonConfig,
     sync_metrics: metrics.Metrics,
     blocked: Callable[[], str | None],
@@ -531,6 +596,7 @@ async def open_scheduler(
     """
     scheduler = TenantScheduler(
         sync=sync,
+        engine=engine,
         daemon=daemon,
         sync_metrics=sync_metrics,
         blocked=blocked,

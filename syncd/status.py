@@ -1,8 +1,9 @@
 """A tenant's status: the one model behind `syncd status`, `/status` and the gauges.
 
 `syncd status` fills it from the database (`store.read_tenant_status`); the daemon fills
-the same type from what its scheduler knows, adding what only a running daemon can tell
-(schedule, running, queued, next run). Both speak one JSON form, `TenantStatus.as_json`.
+the same type from what its scheduler knows (its own runs, and every replica's as read from
+the database), adding what only a running daemon can tell (schedule, running, queued, next
+look). Both speak one JSON form, `TenantStatus.as_json`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class TenantStatus:
     last_duration_s: float | None = None
     next_run_at: datetime | None = None
     consecutive_failures: int = 0
+    # Replicas: who ran the last run; when the tenant is next due, and who holds it now
+    # (from the database: any replica's runs and claims).
+    last_replica: str | None = None
+    due_at: datetime | None = None
+    claimed_by: str | None = None
 
     def unavailable_collections(self) -> list[str]:
         """Collections the server did not have in the last run (HTTP 404), by name."""
@@ -89,4 +95,7 @@ class TenantStatus:
             "last_duration_s": self.last_duration_s,
             "next_run_at": iso(self.next_run_at),
             "consecutive_failures": self.consecutive_failures,
+            "last_replica": self.last_replica,
+            "due_at": iso(self.due_at),
+            "claimed_by": self.claimed_by,
         }

@@ -113,13 +113,15 @@ async def close_abandoned_runs(connection: AsyncConnection, tenant_id: int) -> i
     return result.rowcount
 
 
-async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str) -> Run:
-    """Records a new `running` run (and reads what the tenant's last run found unavailable)."""
+async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, replica: str) -> Run:
+    """Records a new `running` run of `replica` (this process's `[daemon] replica_name`),
+    and reads what the tenant's last run found unavailable."""
     row = (
         await connection.execute(
             sa.text(
-                "INSERT INTO syncd.runs (tenant_id, started_at, status, host, pid) "
-                "VALUES (:tenant_id, now(), :running, :host, :pid) RETURNING id, started_at, "
+                "INSERT INTO syncd.runs (tenant_id, started_at, status, host, pid, replica) "
+                "VALUES (:tenant_id, now(), :running, :host, :pid, :replica) "
+                "RETURNING id, started_at, "
                 "(SELECT unavailable_collections FROM syncd.tenants WHERE id = :tenant_id)"
             ),
             {
@@ -127,6 +129,7 @@ async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str) ->
                 "running": RunStatus.RUNNING,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
+                "replica": replica,
             },
         )
     ).one()
@@ -549,19 +552,33 @@ async def fail_run(
 
 
 async def read_tenant_status(engine: AsyncEngine) -> list[status.TenantStatus]:
-    """Every tenant the database holds, by name; `errors.DatabaseError` if unreadable."""
+    """Every tenant the database holds, by name, with its latest run, due time and live
+    claim; `errors.DatabaseError` if unreadable."""
     with db.database_errors("cannot read syncd.tenant_status"):
         async with engine.connect() as connection:
             rows = (
                 await connection.execute(
                     sa.text(
-                        "SELECT s.tenant, s.last_run_at, s.last_status, s.last_success_at, "
-                        "s.current_pairs, extract(epoch FROM now() - s.last_success_at), "
-                        "last_run.collections "
-                        "FROM syncd.tenant_status s JOIN syncd.tenants t ON t.name = s.tenant "
-                        "LEFT JOIN LATERAL (SELECT r.collections FROM syncd.runs r "
-                        "WHERE r.tenant_id = t.id ORDER BY r.id DESC LIMIT 1) last_run ON true "
-                        "ORDER BY s.tenant"
+                        """
+                        SELECT ts.tenant, ts.last_run_at, ts.last_status, ts.last_success_at,
+                               ts.current_pairs,
+                               extract(epoch FROM now() - ts.last_success_at),
+                               r.id, r.finished_at, r.error, r.replica,
+                               extract(epoch FROM r.finished_at - r.started_at),
+                               s.due_at,
+                               CASE WHEN s.claimed_until > now() THEN s.claimed_by END,
+                               coalesce(s.failures, 0),
+                               r.collections
+                          FROM syncd.tenant_status ts
+                          JOIN syncd.tenants t ON t.name = ts.tenant
+                          LEFT JOIN syncd.schedule s ON s.tenant_id = t.id
+                          LEFT JOIN LATERAL (
+                                SELECT id, started_at, finished_at, error, replica, collections
+                                  FROM syncd.runs
+                                 WHERE tenant_id = t.id ORDER BY id DESC LIMIT 1
+                          ) r ON true
+                         ORDER BY ts.tenant
+                        """
                     )
                 )
             ).all()
@@ -573,7 +590,170 @@ async def read_tenant_status(engine: AsyncEngine) -> list[status.TenantStatus]:
             last_success_at=row[3],
             pairs=int(row[4]),
             age_s=None if row[5] is None else float(row[5]),
-            collections=row[6],
+            last_run_id=None if row[6] is None else int(row[6]),
+            last_finished_at=row[7],
+            last_error=row[8],
+            last_replica=row[9],
+            last_duration_s=None if row[10] is None else round(float(row[10]), 3),
+            due_at=row[11],
+            claimed_by=row[12],
+            consecutive_failures=int(row[13]),
+            collections=row[14],
         )
         for row in rows
     ]
+
+
+# --- claims: which replica runs a tenant, and when it is next due ---------------------------
+
+
+@dataclass(frozen=True)
+class ClaimRow:
+    """A tenant's `syncd.schedule` row as one claim attempt found it, before its own update.
+
+    `won` says whether the attempt claimed the tenant; `now` is the database's clock.
+    """
+
+    tenant_id: int
+    won: bool
+    due_at: datetime
+    failures: int
+    claimed_by: str | None
+    claimed_at: datetime | None
+    claimed_until: datetime | None
+    now: datetime
+
+
+async def try_claim(
+    connection: AsyncConnection,
+    tenant: str,
+    replica: str,
+    *,
+    run_timeout_s: float,
+    regardless_of_due: bool,
+    reclaim_own: bool,
+) -> ClaimRow | None:
+    """Claims `tenant` for `replica` if it is due and nobody else's claim is alive.
+
+    One conditional UPDATE decides: two replicas that try at once queue on the row's lock,
+    and the second re-checks the condition against the first one's claim (PostgreSQL's
+    READ COMMITTED update rule), so exactly one wins. A claim is alive until it expires,
+    `run_timeout_s` after it was taken, unless its holder died mid-run: a holder holds the
+    tenant's advisory lock for as long as its run is `running`, so a run started under the
+    claim that is still `running` while nobody holds the lock was left by a dead process
+    (the claimant closes it as abandoned). `regardless_of_due` claims a tenant that is not
+    due yet (a manual sync); `reclaim_own` takes back a claim this replica still holds (its
+    release failed). None when the tenant has no schedule row yet (see `add_schedule`).
+
+    Times are the statement's (`statement_timestamp()`), not its transaction's: a row that
+    another transaction inserted while this one waited is due by this statement's clock.
+    """
+    row = (
+        await connection.execute(
+            sa.text(
+                f"""
+                WITH target AS (
+                    SELECT s.tenant_id, s.due_at, s.failures,
+                           s.claimed_by, s.claimed_at, s.claimed_until
+                      FROM syncd.schedule s
+                      JOIN syncd.tenants t ON t.id = s.tenant_id
+                     WHERE t.name = :tenant
+                ), claimed AS (
+                    UPDATE syncd.schedule s
+                       SET claimed_by = :replica,
+                           claimed_at = statement_timestamp(),
+                           claimed_until = statement_timestamp()
+                                           + make_interval(secs => :run_timeout_s)
+                      FROM target
+                     WHERE s.tenant_id = target.tenant_id
+                       AND (s.due_at <= statement_timestamp() OR :regardless_of_due)
+                       AND (s.claimed_until IS NULL
+                            OR s.claimed_until <= statement_timestamp()
+                            OR (:reclaim_own AND s.claimed_by = :replica)
+                            OR (EXISTS (SELECT FROM syncd.runs r
+                                         WHERE r.tenant_id = s.tenant_id
+                                           AND r.status = '{RunStatus.RUNNING}'
+                                           AND r.started_at >= s.claimed_at)
+                                AND NOT EXISTS (
+                                    SELECT FROM pg_locks l
+                                     WHERE l.locktype = 'advisory'
+                                       AND l.database = (SELECT oid FROM pg_database
+                                                          WHERE datname = current_database())
+                                       AND l.classid = :namespace
+                                       AND l.objid = s.tenant_id
+                                       AND l.objsubid = 2)))
+                    RETURNING s.tenant_id
+                )
+                SELECT target.tenant_id, EXISTS (SELECT FROM claimed), target.due_at,
+                       target.failures, target.claimed_by, target.claimed_at,
+                       target.claimed_until, statement_timestamp()
+                  FROM target
+                """
+            ),
+            {
+                "tenant": tenant,
+                "replica": replica,
+                "run_timeout_s": run_timeout_s,
+                "regardless_of_due": regardless_of_due,
+                "reclaim_own": reclaim_own,
+                "namespace": LOCK_NAMESPACE,
+            },
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    return ClaimRow(
+        tenant_id=int(row[0]),
+        won=bool(row[1]),
+        due_at=row[2],
+        failures=int(row[3]),
+        claimed_by=row[4],
+        claimed_at=row[5],
+        claimed_until=row[6],
+        now=row[7],
+    )
+
+
+async def add_schedule(connection: AsyncConnection, tenant: str) -> None:
+    """Gives a tenant seen for the first time its rows, due now (a no-op when it has them)."""
+    tenant_id = await ensure_tenant(connection, tenant)
+    await connection.execute(
+        sa.text(
+            "INSERT INTO syncd.schedule (tenant_id, due_at) VALUES (:tenant_id, now()) "
+            "ON CONFLICT (tenant_id) DO NOTHING"
+        ),
+        {"tenant_id": tenant_id},
+    )
+
+
+async def release_claim(
+    connection: AsyncConnection,
+    tenant_id: int,
+    replica: str,
+    claimed_at: datetime,
+    *,
+    due_at: datetime,
+    failures: int,
+    schedule: str,
+) -> bool:
+    """Sets the next due time and clears the claim `replica` took at `claimed_at`.
+
+    False when that claim is no longer there (it expired and another replica took the
+    tenant): then nothing changes, the new holder decides.
+    """
+    result = await connection.execute(
+        sa.text(
+            "UPDATE syncd.schedule SET due_at = :due_at, failures = :failures, "
+            "schedule = :schedule, claimed_by = NULL, claimed_at = NULL, claimed_until = NULL "
+            "WHERE tenant_id = :tenant_id AND claimed_by = :replica AND claimed_at = :claimed_at"
+        ),
+        {
+            "tenant_id": tenant_id,
+            "replica": replica,
+            "claimed_at": claimed_at,
+            "due_at": due_at,
+            "failures": failures,
+            "schedule": schedule,
+        },
+    )
+    return bool(result.rowcount)

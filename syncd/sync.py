@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from syncd import collections, config, db, errors, logs, store, vspc
+from syncd import claims, collections, config, db, errors, logs, store, vspc
 from syncd.collections import Collection, Kind
 from syncd.collections import Status as CollectionStatus
 from syncd.models import RunStatus
@@ -273,6 +273,7 @@ async def _run_lifecycle(
     tenant: config.Tenant,
     clean: Callable[[str], str],
     progress: ProgressSink | None,
+    replica: str,
 ) -> AsyncIterator[_ActiveRun | None]:
     """Lock, start, record failure, release: one run of `tenant` on one connection.
 
@@ -293,7 +294,7 @@ async def _run_lifecycle(
         try:
             with db.database_errors("cannot record the run"):
                 abandoned = await store.close_abandoned_runs(connection, tenant_id)
-                run = await store.start_run(connection, tenant_id, tenant.name)
+                run = await store.start_run(connection, tenant_id, tenant.name, replica)
                 await connection.commit()
             if abandoned:
                 log.warning(
@@ -545,6 +546,7 @@ async def sync_tenant(
     observer: vspc.RequestObserver | None = None,
     progress: ProgressSink | None = None,
     scrubber: logs.SecretScrubber | None = None,
+    replica: str | None = None,
 ) -> SyncResult:
     """Syncs one tenant's snapshot into the database and records the run.
 
@@ -553,6 +555,7 @@ async def sync_tenant(
     all become a `failed` (or `partial`) result, recorded in the run's row once it exists.
     `scrubber` (the process's log scrubber) learns the tokens obtained during the run; the
     tenant's own secrets are scrubbed from every message whether or not it is given.
+    `replica` is recorded on the run (default: `config.default_replica_name()`).
     """
     started = time.monotonic()
     secrets = scrubber if scrubber is not None else logs.SecretScrubber()
@@ -574,7 +577,8 @@ async def sync_tenant(
         )
 
     try:
-        async with _run_lifecycle(engine, tenant, clean, progress) as active:
+        replica = replica or config.default_replica_name()
+        async with _run_lifecycle(engine, tenant, clean, progress, replica) as active:
             if active is None:
                 log.info(
                     "tenant busy: another syncd process is syncing it; skipped", tenant=tenant.name
@@ -747,6 +751,60 @@ async def run_each(
     return list(await asyncio.gather(*(one(item) for item in items)))
 
 
+async def sync_now(
+    tenant: config.Tenant,
+    engine: AsyncEngine,
+    *,
+    replica: claims.Replica,
+    allow_mass_delete: bool = False,
+    progress: ProgressSink | None = None,
+    scrubber: logs.SecretScrubber | None = None,
+) -> SyncResult:
+    """`sync_tenant` now, whatever the tenant's due time (`syncd sync`, a manual override),
+    unless another process holds its claim (skipped as busy); then moves its due time, as
+    a daemon's run would. Always returns a result, like `sync_tenant`."""
+    try:
+        look = await claims.claim(
+            engine, tenant, replica.name, regardless_of_due=True, reclaim_own=False
+        )
+    except errors.DatabaseError as exc:
+        secrets = scrubber if scrubber is not None else logs.SecretScrubber()
+        message = errors.clean_text(secrets.scrub(f"database failure: {exc}"))
+        log.error("sync failed", tenant=tenant.name, error=message)
+        return SyncResult(tenant.name, RunStatus.FAILED, error=message, database_failure=True)
+    if look.outcome is not claims.Outcome.WON:
+        log.info(
+            "tenant busy: another syncd process is syncing it; skipped",
+            tenant=tenant.name,
+            claimed_by=look.claimed_by,
+        )
+        return SyncResult(tenant=tenant.name, status=RunStatus.SKIPPED, error=BUSY)
+
+    async def release(how: claims.Ended) -> None:
+        try:
+            await claims.release(
+                engine, look, replica, tenant.settings, how, ended_monotonic_s=time.monotonic()
+            )
+        except errors.DatabaseError as exc:
+            # The claim expires after run_timeout; the daemons run the tenant then.
+            log.warning("cannot release the tenant's claim", tenant=tenant.name, error=str(exc))
+
+    try:
+        result = await sync_tenant(
+            tenant,
+            engine,
+            allow_mass_delete=allow_mass_delete,
+            progress=progress,
+            scrubber=scrubber,
+            replica=replica.name,
+        )
+    except asyncio.CancelledError:
+        await release(claims.Ended.NOT_RUN)  # still due: a daemon runs it
+        raise
+    await release(claims.ended(result.status, database_failure=result.database_failure))
+    return result
+
+
 async def sync_tenants(
     tenants: Sequence[config.Tenant],
     engine: AsyncEngine,
@@ -755,10 +813,24 @@ async def sync_tenants(
     allow_mass_delete: bool = False,
     progress: ProgressSink | None = None,
     scrubber: logs.SecretScrubber | None = None,
+    replica: claims.Replica | None = None,
 ) -> list[SyncResult]:
-    """Syncs `tenants` concurrently, at most `max_concurrent_tenants` at once."""
+    """Syncs `tenants` concurrently, at most `max_concurrent_tenants` at once.
+
+    With `replica`, through `sync_now`: claimed, and their due times moved (`syncd sync`);
+    without, plainly (the demo and the benchmarks own their database).
+    """
 
     async def one(tenant: config.Tenant) -> SyncResult:
+        if replica is not None:
+            return await sync_now(
+                tenant,
+                engine,
+                replica=replica,
+                allow_mass_delete=allow_mass_delete,
+                progress=progress,
+                scrubber=scrubber,
+            )
         return await sync_tenant(
             tenant,
             engine,

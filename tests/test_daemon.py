@@ -297,14 +297,16 @@ async def test_syncs_every_tenant_on_schedule_while_one_keeps_failing(
         status, ready = await daemon.get_json("/readyz")
         assert (status, ready["ready"]) == (200, True)
 
-        # The failing tenant backs off: after 2 failures in a row it waits 2 periods.
+        # The failing tenant backs off: after 2 failures in a row it is due 2 periods after
+        # its run ended (its due time is in the database, so every replica holds back).
         async def backed_off() -> dict[str, Any] | None:
             row = (await daemon.tenant_status())["tenant-3"]
             return row if row["consecutive_failures"] >= 2 and not row["running"] else None
 
         failing = await wait_for(backed_off, timeout_s=5.0, what="tenant-3 backing off")
-        gap_s = _seconds_between(failing["last_finished_at"], failing["next_run_at"])
+        gap_s = _seconds_between(failing["last_finished_at"], failing["due_at"])
         assert gap_s >= 2 * 1.0 - 0.01
+        assert failing["last_replica"] == failing["claimed_by"] or failing["claimed_by"] is None
         assert failing["last_status"] == "failed"
         assert "403" in failing["last_error"] or "forbidden" in failing["last_error"].lower()
         assert failing["last_success_at"] is None
@@ -424,6 +426,14 @@ async def test_sigterm_lets_runs_finish_within_grace_then_interrupts_the_rest(
     assert [row[:2] for row in rows] == [("tenant-1", "failed"), ("tenant-2", "succeeded")]
     assert "interrupted" in rows[0][2]
     assert await _running_rows(engine) == []
+    # No claim is left behind: the interrupted tenant is still due (another replica runs it
+    # at once), the finished one due in an hour; tenant-3 was never claimed.
+    schedule = await fetch_all(
+        engine,
+        "SELECT t.name, s.claimed_by, s.due_at <= now() FROM syncd.schedule s "
+        "JOIN syncd.tenants t ON t.id = s.tenant_id ORDER BY t.name",
+    )
+    assert schedule == [("tenant-1", None, True), ("tenant-2", None, False)]
     _assert_clean_logs(daemon, [t.api_key for t in sim_state.tenants.values()])
     assert daemon.log_events("grace period over: cancelling runs in progress")
 
@@ -648,7 +658,12 @@ async def test_status_and_gauges_survive_a_restart(
             return row if row is not None and row["last_status"] is not None else None
 
         row = await wait_for(seeded, timeout_s=5.0, what="tenant-1's stored status")
-        assert (row["last_status"], row["pairs"], row["last_run_id"]) == ("succeeded", 300, None)
+        assert (row["last_status"], row["pairs"]) == ("succeeded", 300)
+        # The stored run, by this test's process: not a run of the daemon's own.
+        assert (row["last_run_id"], row["last_replica"]) == (
+            earlier.run_id,
+            config.default_replica_name(),
+        )
         assert row["collections"]["jobs"]["status"] == "succeeded"  # read from the database
         assert row["last_success_at"] is not None
         metrics = await daemon.metrics()

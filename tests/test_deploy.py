@@ -158,6 +158,19 @@ def test_compose_secrets_come_from_the_environment(compose: dict[str, Any]) -> N
         assert environment[config.CONFIG_ENV] == target
 
 
+def test_compose_scales_syncd_without_a_host_port_clash(compose: dict[str, Any]) -> None:
+    """`docker compose up --scale syncd=3`: each replica takes a host port of a range (on
+    127.0.0.1), and nothing else names a container or a port only one of them can have."""
+    syncd = compose["services"]["syncd"]
+    assert "container_name" not in syncd
+    for mapping in syncd["ports"]:
+        address, host_ports, container_port = str(mapping).split(":")
+        assert address == "127.0.0.1", "publish on the host's loopback only"
+        first, _, last = host_ports.partition("-")
+        assert last and int(last) - int(first) + 1 >= 3, f"{mapping}: not a range of 3+ ports"
+        assert int(first) == int(container_port) == 9187
+
+
 @pytest.mark.parametrize(
     "config_file", [None, "./deploy/production.toml"], ids=["demo-default", "production"]
 )
@@ -192,6 +205,132 @@ def test_demo_config_holds_the_simulator_services_keys(compose: dict[str, Any]) 
         assert tenant.url == f"http://simulator:{flags['--port']}"
         assert isinstance(tenant.auth, config.ApiKeyAuth)
         assert tenant.auth.api_key.get_secret_value() == simulated.api_key
+
+
+# --- deploy/kubernetes ----------------------------------------------------------------------
+
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, dict[str, Any]]:
+    """Every object of deploy/kubernetes/*.yaml (but the kustomization), by kind."""
+    by_kind: dict[str, dict[str, Any]] = {}
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for document in yaml.safe_load_all(path.read_text()):
+            assert "namespace" not in document["metadata"], f"{path.name} names a namespace"
+            assert document["kind"] not in by_kind, f"two {document['kind']} objects"
+            by_kind[document["kind"]] = document
+    return by_kind
+
+
+def _container(workload: Mapping[str, Any]) -> dict[str, Any]:
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    container: dict[str, Any] = containers[0]
+    return container
+
+
+def _environment(workload: Mapping[str, Any], secret: Mapping[str, Any]) -> dict[str, str]:
+    """The container's environment: its `env` values and every key of the Secret it reads."""
+    container = _container(workload)
+    environment = {item["name"]: item["value"] for item in container.get("env", [])}
+    for source in container.get("envFrom", []):
+        assert source["secretRef"]["name"] == secret["metadata"]["name"]
+        environment.update(secret["stringData"])
+    return environment
+
+
+def _mebibytes(quantity: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Mi|Gi)", quantity)
+    assert match is not None, f"{quantity}: write memory in Mi or Gi"
+    return float(match[1]) * (1024 if match[2] == "Gi" else 1)
+
+
+def test_kubernetes_has_every_object_and_the_kustomization_lists_them(
+    manifests: dict[str, dict[str, Any]],
+) -> None:
+    assert set(manifests) == {"ConfigMap", "Secret", "Job", "Deployment", "PodDisruptionBudget"}
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    files = {path.name for path in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+    assert "namespace" not in kustomization
+
+
+def test_kubernetes_config_loads_with_the_secrets_environment(
+    manifests: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The ConfigMap's syncd.toml, mounted where SYNCD_CONFIG says, validates with syncd's
+    own loader given the Secret's keys as environment; probes reach its listen port."""
+    deployment, secret = manifests["Deployment"], manifests["Secret"]
+    environment = _environment(deployment, secret)
+    mount = next(
+        item for item in _container(deployment)["volumeMounts"] if item["name"] == "config"
+    )
+    config_path = Path(environment[config.CONFIG_ENV])
+    assert config_path.parent == Path(mount["mountPath"]) and mount["readOnly"] is True
+    volume = next(
+        item
+        for item in deployment["spec"]["template"]["spec"]["volumes"]
+        if item["name"] == "config"
+    )
+    configmap = manifests["ConfigMap"]
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    path = tmp_path / config_path.name
+    path.write_text(configmap["data"][config_path.name])
+    cfg = config.load_config(path, environ=environment)
+    assert cfg.database.url is not None and cfg.tenants
+    assert cfg.daemon.replica_name is None, "the pod's name must make each replica's name"
+    host, port = config.parse_listen(cfg.daemon.listen)
+    assert host == "0.0.0.0"
+    container = _container(deployment)
+    ports = {item["name"]: item["containerPort"] for item in container["ports"]}
+    for probe, path_ in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        http = container[probe]["httpGet"]
+        assert http["path"] == path_
+        assert ports.get(http["port"], http["port"]) == port
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == port
+    grace_s = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace_s > cfg.daemon.shutdown_grace_s
+
+
+def test_kubernetes_runs_two_replicas_as_the_images_user_within_a_budget(
+    manifests: dict[str, dict[str, Any]],
+) -> None:
+    deployment, budget = manifests["Deployment"], manifests["PodDisruptionBudget"]
+    assert deployment["spec"]["replicas"] == 2
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    assert budget["spec"]["minAvailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == selector
+    user = [arguments for keyword, arguments in dockerfile_instructions() if keyword == "USER"][-1]
+    for workload in (deployment, manifests["Job"]):
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert (
+            f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}" == user
+        )
+        container = _container(workload)
+        assert container["image"] == _container(deployment)["image"]
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        # The measured RSS of a replica (see the scaling guide) fits the request.
+        assert _mebibytes(requests["memory"]) >= 100
+        assert _mebibytes(limits["memory"]) >= 2 * _mebibytes(requests["memory"])
+    assert _container(deployment)["args"] == ["run"]
+
+
+def test_kubernetes_migrates_with_a_one_shot_job(manifests: dict[str, dict[str, Any]]) -> None:
+    job, secret = manifests["Job"], manifests["Secret"]
+    assert _container(job)["args"] == ["migrate"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+    assert 1 <= job["spec"]["backoffLimit"] <= 10
+    # The Job reads the same config: it must get the same environment to validate it.
+    assert _environment(job, secret) == _environment(manifests["Deployment"], secret)
 
 
 # --- Dockerfile ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """syncd's process dying or competing: SIGKILL of `syncd sync` while it fetches and while it
-applies, two `syncd run` daemons on one database, and SIGTERM with runs in flight.
+applies, two `syncd run` daemons on one database (their claims keep them from running one
+tenant twice), and SIGTERM with runs in flight.
 
 Processes are stopped at a known phase by holding locks or slowing VSPC down and watching
 the database (`pg_stat_activity`, `sync_runs`), never with fixed sleeps. After each fault a
@@ -19,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import db, store
@@ -221,6 +223,18 @@ async def _daemon(path: Path) -> AsyncIterator[_Daemon]:
         print(f"--- syncd run (exit {daemon.process.returncode}) ---", *daemon.lines, sep="\n")
 
 
+async def _claims_taken(session: aiohttp.ClientSession, daemon: _Daemon) -> float:
+    """How often `daemon` found a due tenant claimed by the other one."""
+    async with session.get(f"http://127.0.0.1:{daemon.port}/metrics") as response:
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "syncd_claims_total" and sample.labels.get("result") == "taken"
+    )
+
+
 async def _healthy(session: aiohttp.ClientSession, daemon: _Daemon) -> bool:
     async with session.get(f"http://127.0.0.1:{daemon.port}/healthz") as response:
         return response.status == 200
@@ -253,14 +267,13 @@ async def test_two_daemons_share_a_database_then_stop_with_runs_in_flight(
                 "SELECT pid, count(*) FROM syncd.runs WHERE status = 'succeeded' GROUP BY pid",
             )
             per_process = {int(pid): count for pid, count in rows}
-            skipped = first.events("tenant busy: another syncd process is syncing it; skipped")
-            skipped += second.events("tenant busy: another syncd process is syncing it; skipped")
-            return all(per_process.get(pid, 0) >= 1 for pid in pids) and bool(skipped)
+            taken = [await _claims_taken(session, daemon) for daemon in (first, second)]
+            return all(per_process.get(pid, 0) >= 1 for pid in pids) and sum(taken) > 0
 
         await wait_for(
             both_served_and_collided,
             timeout_s=30,
-            what="both daemons to sync, and to meet each other's lock",
+            what="both daemons to sync, and to meet each other's claims",
         )
         # VSPC changes while both keep syncing.
         for tenant in tenants:
@@ -294,7 +307,8 @@ async def test_two_daemons_share_a_database_then_stop_with_runs_in_flight(
         engine, "SELECT count(*) FROM syncd.sync_runs WHERE error LIKE 'interrupted%'"
     )
     assert interrupted[0][0] >= 1
-    # No two runs of one tenant ever overlapped in time: the lock serialized the daemons.
+    # No two runs of one tenant ever overlapped in time: claims (and, behind them, the
+    # tenant's lock) serialized the daemons.
     overlaps = await fetch_all(
         engine,
         """

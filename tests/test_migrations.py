@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,52 @@ def test_alembic_check_models_match_migrations(db_url: str) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "No new upgrade operations detected" in result.stdout + result.stderr
+
+
+async def _columns(connection: sa.ext.asyncio.AsyncConnection, relation: str) -> list[str]:
+    rows = await connection.execute(
+        sa.text(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = 'syncd' AND table_name = :relation ORDER BY ordinal_position"
+        ),
+        {"relation": relation},
+    )
+    return [row[0] for row in rows]
+
+
+async def test_replicas_append_to_sync_runs_and_keep_its_readers(empty_db_url: str) -> None:
+    """Upgrading past 0005 appends `replica` to the view (a public contract: never renamed,
+    only appended), leaves older runs' replica NULL, and keeps the readers' grants."""
+    role = f"syncd_migration_reader_{os.getpid()}"
+    async with db.open_engine(empty_db_url, pool_size=1) as engine:
+        await db.migrate(engine, "0005")
+        async with engine.begin() as connection:
+            before = await _columns(connection, "sync_runs")
+            await connection.execute(sa.text(f"CREATE ROLE {role}"))
+            await connection.execute(sa.text(f"GRANT SELECT ON syncd.sync_runs TO {role}"))
+            await connection.execute(sa.text("INSERT INTO syncd.tenants (name) VALUES ('old')"))
+            await connection.execute(
+                sa.text(
+                    "INSERT INTO syncd.runs (tenant_id, started_at, status) "
+                    "SELECT id, now(), 'succeeded' FROM syncd.tenants"
+                )
+            )
+        try:
+            assert (await db.migrate(engine)).at_head
+            async with engine.connect() as connection:
+                assert await _columns(connection, "sync_runs") == [*before, "replica"]
+                replicas = (
+                    await connection.execute(sa.text("SELECT replica FROM syncd.sync_runs"))
+                ).all()
+                assert replicas == [(None,)]
+                still_granted = await connection.scalar(
+                    sa.text(f"SELECT has_table_privilege('{role}', 'syncd.sync_runs', 'SELECT')")
+                )
+                assert still_granted is True
+            await db.downgrade(engine, "0005")
+            async with engine.connect() as connection:
+                assert await _columns(connection, "sync_runs") == before
+        finally:
+            async with engine.begin() as connection:
+                await connection.execute(sa.text(f"DROP OWNED BY {role}"))
+                await connection.execute(sa.text(f"DROP ROLE {role}"))

@@ -407,7 +407,7 @@ async def test_grant_reader_allows_the_views_and_nothing_else(
         assert await reader.fetchval("SELECT count(*) FROM syncd.job_links_current") == 300
         for view in models.REPORTING_VIEWS:
             await reader.fetch(f"SELECT * FROM syncd.{view} LIMIT 5")
-        for table in ("links", "tenants", "runs"):
+        for table in ("links", "tenants", "runs", "schedule"):
             with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
                 await reader.fetch(f"SELECT * FROM syncd.{table} LIMIT 1")
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):

@@ -1,13 +1,20 @@
-"""The scheduler's and the daemon's decisions, as pure functions (no loop, no I/O)."""
+"""The scheduler's and the daemon's decisions, as pure functions (no loop, no I/O), and
+what the scheduler takes in from the database (`refresh`).
+
+The claims' decisions (due times, backoff, when to look again) are in test_claims.py.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import SecretStr
 
-from syncd import config, daemon, scheduler
+from syncd import claims, config, daemon, metrics, scheduler, status
+from syncd.models import RunStatus
+from syncd.sync import SyncResult
 
 
 def _tenant(name: str, **settings: object) -> config.Tenant:
@@ -22,43 +29,6 @@ def _tenant(name: str, **settings: object) -> config.Tenant:
 
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
-
-
-@pytest.mark.parametrize(
-    ("failures", "factor"), [(0, 1.0), (1, 1.0), (2, 2.0), (3, 4.0), (4, 4.0), (1000, 4.0)]
-)
-def test_backoff_keeps_the_schedule_once_then_doubles_up_to_the_cap(
-    failures: int, factor: float
-) -> None:
-    assert scheduler.failure_backoff_factor(failures, max_factor=4.0) == factor
-
-
-def test_backoff_cap_below_two_periods_is_honoured() -> None:
-    assert scheduler.failure_backoff_factor(5, max_factor=1.5) == 1.5
-    assert scheduler.failure_backoff_factor(5, max_factor=1.0) == 1.0
-
-
-def test_next_run_after_failure_moves_a_too_early_run_back() -> None:
-    planned = NOW + timedelta(seconds=60)
-    later = scheduler.next_run_after_failure(
-        planned=planned, finished_at=NOW, period_s=60, consecutive_failures=3, max_factor=4
-    )
-    assert later == NOW + timedelta(seconds=240)
-
-
-def test_next_run_after_failure_keeps_the_schedule_after_one_failure_or_a_later_run() -> None:
-    def after(planned: datetime | None, failures: int) -> datetime | None:
-        return scheduler.next_run_after_failure(
-            planned=planned,
-            finished_at=NOW,
-            period_s=60.0,
-            consecutive_failures=failures,
-            max_factor=4.0,
-        )
-
-    assert after(NOW + timedelta(seconds=60), 1) is None
-    assert after(NOW + timedelta(hours=1), 3) is None
-    assert after(None, 2) == NOW + timedelta(seconds=120)
 
 
 def test_stagger_spreads_first_runs_evenly_within_the_spread() -> None:
@@ -97,7 +67,7 @@ def test_interval_trigger_period_and_jitter() -> None:
     trigger, period_s = scheduler.make_trigger(config.SyncSettings(interval="15m"), NOW)
     assert period_s == 900.0
     assert trigger.jitter == 60.0
-    assert scheduler.schedule_text(config.SyncSettings(interval="15m")) == "every 900s"
+    assert claims.schedule_text(config.SyncSettings(interval="15m")) == "every 900s"
 
 
 def test_cron_trigger_period_is_the_gap_between_ticks() -> None:
@@ -105,7 +75,7 @@ def test_cron_trigger_period_is_the_gap_between_ticks() -> None:
     trigger, period_s = scheduler.make_trigger(settings, NOW)
     assert period_s == 900.0
     assert trigger.jitter == 60.0
-    assert scheduler.schedule_text(settings) == "cron */15 * * * *"
+    assert claims.schedule_text(settings) == "cron */15 * * * *"
 
 
 @pytest.mark.parametrize(
@@ -123,13 +93,65 @@ def test_restart_needed_names_settings_that_cannot_change_live() -> None:
     running = _config(database={"url": "postgresql://u@h/a"})
     new = _config(
         database={"url": "postgresql://u@h/b", "pool_size": 3},
-        daemon={"listen": "127.0.0.1:1", "max_concurrent_tenants": 2, "shutdown_grace": "1s"},
+        daemon={
+            "listen": "127.0.0.1:1",
+            "max_concurrent_tenants": 2,
+            "shutdown_grace": "1s",
+            "replica_name": "renamed",
+        },
     )
     assert daemon.restart_needed(running, new, listen_overridden=False) == [
         "database.url",
         "database.pool_size",
         "daemon.listen",
         "daemon.max_concurrent_tenants",
+        "daemon.replica_name",
     ]
     assert "daemon.listen" not in daemon.restart_needed(running, new, listen_overridden=True)
     assert daemon.restart_needed(running, running, listen_overridden=False) == []
+
+
+def test_refresh_takes_in_newer_runs_of_other_replicas_and_keeps_its_own_newer_ones() -> None:
+    async def never(tenant: config.Tenant) -> SyncResult:
+        raise AssertionError("refresh runs nothing")
+
+    daemon_config = config.DaemonConfig(replica_name="me")
+    registry = metrics.Metrics()
+    tenant_scheduler = scheduler.TenantScheduler(
+        sync=never,
+        engine=None,  # type: ignore[arg-type]  # refresh never touches the database
+        daemon=daemon_config,
+        sync_metrics=registry,
+        blocked=lambda: None,
+        on_database_error=lambda: None,
+    )
+    tenant_scheduler.apply([_tenant("a")], daemon_config)
+    stored = status.TenantStatus(
+        "a",
+        last_run_at=NOW,
+        last_status=RunStatus.SUCCEEDED,
+        last_success_at=NOW,
+        pairs=5,
+        last_run_id=7,
+        last_replica="other",
+        due_at=NOW + timedelta(minutes=15),
+        consecutive_failures=0,
+    )
+    tenant_scheduler.refresh([stored])
+    row = tenant_scheduler.status()[0]
+    assert (row.last_run_id, row.last_replica, row.pairs) == (7, "other", 5)
+    assert row.due_at == NOW + timedelta(minutes=15) and row.claimed_by is None
+    assert registry.registry.get_sample_value("syncd_pairs_current", {"tenant": "a"}) == 5
+
+    # An older run (this replica saw run 7 already) changes nothing but the due time.
+    older = dataclasses.replace(
+        stored, last_run_id=6, last_replica="stale", pairs=1, claimed_by="third"
+    )
+    tenant_scheduler.refresh([older])
+    row = tenant_scheduler.status()[0]
+    assert (row.last_run_id, row.last_replica, row.pairs, row.claimed_by) == (
+        7,
+        "other",
+        5,
+        "third",
+    )

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import db, models
+from syncd import config, db, models
 from syncd import simulator as sim
 from syncd.sync import SyncResult, sync_tenant
 from tests.fixtures.fault_helpers import pairs_outside
@@ -56,6 +56,16 @@ async def test_initial_sync_copies_the_snapshot_exactly(
         "SELECT DISTINCT first_seen_at = last_confirmed_at FROM syncd.job_links_current",
     )
     assert confirmed == [(True,)]
+
+
+async def test_each_run_records_the_replica_that_ran_it(
+    sim_state: sim.SimulatorState, simulator: str, sync_engine: AsyncEngine, engine: AsyncEngine
+) -> None:
+    tenant = tenant_for(sim_state.tenants["tenant-1"], simulator)
+    assert (await sync_tenant(tenant, sync_engine, replica="replica-a")).status == "succeeded"
+    assert (await sync_tenant(tenant, sync_engine)).status == "succeeded"
+    replicas = await fetch_all(engine, "SELECT replica FROM syncd.sync_runs ORDER BY id")
+    assert replicas == [("replica-a",), (config.default_replica_name(),)]
 
 
 async def test_add_remove_readd_keeps_two_intervals(
@@ -372,6 +382,7 @@ VIEW_COLUMNS = {
         ("pairs_removed", "integer"),
         ("error", "text"),
         ("collections", "jsonb"),
+        ("replica", "text"),
     ],
     "tenant_status": [
         ("tenant", "text"),
