@@ -137,7 +137,7 @@ class Metrics:
         )
         self.claims = Counter(
             "syncd_claims",
-            "Looks at a tenant's due time and claim, by result: won (this replica runs it), "
+            "Looks at a tenant's due time and claim (checks), by result: won (this replica runs it), "
             "not_due, taken (another process holds it), error (the database failed).",
             ["result"],
             registry=registry,
