@@ -137,8 +137,8 @@ class Metrics:
         )
         self.claims = Counter(
             "syncd_claims",
-            "Looks at a tenant's due time and claim (checks), by result: won (this replica runs it), "
-            "not_due, taken (another process holds it), error (the database failed).",
+            "Looks at a tenant's due time and claim (checks), by result: won (this replica "
+            "runs it), not_due, taken (another process holds it), error (the database failed).",
             ["result"],
             registry=registry,
         )
