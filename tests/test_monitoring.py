@@ -232,16 +232,14 @@ def test_operations_dashboard_has_a_tenant_variable_and_the_issue_panels(
     assert all("$tenant" in expr for expr in per_tenant)
 
 
-def test_coverage_dashboard_leaves_a_labelled_place_for_the_job_catalog(
+def test_coverage_dashboard_shows_named_links_and_unprotected_jobs(
     dashboards: dict[str, dict[str, Any]],
 ) -> None:
     board = dashboards["Backup copy coverage"]
-    texts = [p["options"]["content"] for p in panels(board) if p["type"] == "text"]
-    assert any("job_links_named" in text and "unprotected_jobs" in text for text in texts)
-    # Those views do not exist yet: nothing may query them.
-    for _, target in targets(board):
-        assert "job_links_named" not in target["rawSql"]
-        assert "unprotected_jobs" not in target["rawSql"]
+    queries = {panel["title"]: target["rawSql"] for panel, target in targets(board)}
+    assert "FROM syncd.unprotected_jobs" in queries["Unprotected jobs"]
+    assert "FROM syncd.job_links_named" in queries["Named links"]
+    assert all("$tenant" in queries[title] for title in ("Unprotected jobs", "Named links"))
 
 
 # --- PromQL: only names the daemon exports -------------------------------------------------
