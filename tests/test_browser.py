@@ -29,9 +29,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import simulator as sim
+from tests.fixtures.daemons import running_daemon
 from tests.fixtures.fault_helpers import wait_for
 from tests.fixtures.helpers import FAST_SETTINGS
-from tests.test_daemon import running_daemon
 
 pytestmark = pytest.mark.slow
 

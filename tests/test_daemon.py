@@ -7,224 +7,35 @@ config asks for port 0), and polls /metrics, /status and the database with deadl
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import json
-import os
 import signal
 import socket
-import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import collections, config, db, logs
-from syncd import daemon as daemon_module
+from syncd import collections, config, db
 from syncd import simulator as sim
-from tests.fixtures import fault_helpers
+from tests.fixtures.daemons import (
+    DaemonProcess,
+    Metrics,
+    running_daemon,
+    serving_daemon,
+    write_config,
+)
 from tests.fixtures.database import admin_connection
 from tests.fixtures.fault_helpers import wait_for
 from tests.fixtures.helpers import fetch_all
 
 pytestmark = pytest.mark.slow
-
-T = TypeVar("T")
-
-STARTUP_DEADLINE_S = 20.0
-
-
-def write_config(
-    path: Path,
-    *,
-    database_url: str,
-    simulator_url: str,
-    tenants: Iterable[sim.SimTenant],
-    sync: dict[str, Any] | None = None,
-    daemon: dict[str, Any] | None = None,
-) -> None:
-    """A daemon's config: every tenant on a 1 s interval, the endpoint on port 0."""
-    fault_helpers.write_config(
-        path,
-        database_url,
-        [fault_helpers.tenant_block(tenant, simulator_url) for tenant in tenants],
-        sync={"interval": "1s", **(sync or {})},
-        daemon={
-            "listen": "127.0.0.1:0",
-            "startup_spread": "100ms",
-            "shutdown_grace": "5s",
-            **(daemon or {}),
-        },
-    )
-
-
-def _syncd_command() -> list[str]:
-    script = Path(sys.executable).parent / "syncd"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "syncd.cli"]
-
-
-class Metrics:
-    """Samples of one /metrics scrape."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.samples = [
-            sample for family in text_string_to_metric_families(text) for sample in family.samples
-        ]
-
-    def value(self, name: str, **labels: str) -> float | None:
-        """The sample `name` whose labels include `labels`; None when there is none."""
-        values = [
-            sample.value
-            for sample in self.samples
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-        ]
-        assert len(values) <= 1, f"{name}{labels} matches {len(values)} samples"
-        return values[0] if values else None
-
-    def total(self, name: str, **labels: str) -> float:
-        """Sum of every `name` sample whose labels include `labels`."""
-        return sum(
-            sample.value
-            for sample in self.samples
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-        )
-
-
-class DaemonProcess:
-    """A running `syncd run` subprocess, its log lines and its HTTP endpoint."""
-
-    def __init__(self, process: asyncio.subprocess.Process, session: aiohttp.ClientSession):
-        self.process = process
-        self.session = session
-        self.stderr_lines: list[str] = []
-        self.stdout_lines: list[str] = []
-        self.base_url = ""
-
-    def logs(self) -> list[dict[str, Any]]:
-        """Every stderr line, parsed (each must be a JSON object)."""
-        return [json.loads(line) for line in self.stderr_lines if line.strip()]
-
-    def log_events(self, event: str) -> list[dict[str, Any]]:
-        return [line for line in self.logs() if line.get("event") == event]
-
-    async def wait_for_log(self, event: str, *, timeout_s: float = 10.0) -> dict[str, Any]:
-        async def probe() -> dict[str, Any] | None:
-            found = self.log_events(event)
-            return found[-1] if found else None
-
-        return await wait_for(probe, timeout_s=timeout_s, what=f"log line {event!r}")
-
-    async def get(self, path: str) -> tuple[int, str]:
-        async with self.session.get(self.base_url + path) as response:
-            return response.status, await response.text()
-
-    async def get_json(self, path: str) -> tuple[int, Any]:
-        status, text = await self.get(path)
-        return status, json.loads(text)
-
-    async def wait_not_ready(self, reason: str, *, timeout_s: float = 5.0) -> dict[str, Any]:
-        """Polls /readyz until it answers 503 with a reason containing `reason`."""
-
-        async def probe() -> dict[str, Any] | None:
-            status, body = await self.get_json("/readyz")
-            assert body["ready"] is (status == 200)
-            return body if status == 503 and reason in (body["reason"] or "") else None
-
-        return await wait_for(probe, timeout_s=timeout_s, what=f"/readyz: 503 {reason!r}")
-
-    async def metrics(self) -> Metrics:
-        status, text = await self.get("/metrics")
-        assert status == 200
-        return Metrics(text)
-
-    async def tenant_status(self) -> dict[str, dict[str, Any]]:
-        status, body = await self.get_json("/status")
-        assert status == 200
-        return {row["tenant"]: row for row in body["tenants"]}
-
-    async def runs(self, tenant: str, status: str = "succeeded") -> float:
-        return (await self.metrics()).total("syncd_sync_runs_total", tenant=tenant, status=status)
-
-    async def wait_runs(
-        self, tenant: str, count: int, *, status: str = "succeeded", timeout_s: float = 10.0
-    ) -> None:
-        async def probe() -> bool:
-            return await self.runs(tenant, status) >= count
-
-        await wait_for(probe, timeout_s=timeout_s, what=f"{count} {status} run(s) of {tenant}")
-
-    def send(self, signum: signal.Signals) -> None:
-        self.process.send_signal(signum)
-
-    async def wait_exit(self, timeout_s: float) -> int:
-        return await asyncio.wait_for(self.process.wait(), timeout_s)
-
-    def all_output(self) -> str:
-        return "\n".join(self.stderr_lines + self.stdout_lines)
-
-
-async def _collect(stream: asyncio.StreamReader | None, into: list[str]) -> None:
-    assert stream is not None
-    while line := await stream.readline():
-        into.append(line.decode("utf-8", errors="replace").rstrip("\n"))
-
-
-@contextlib.asynccontextmanager
-async def running_daemon(config_path: Path) -> AsyncIterator[DaemonProcess]:
-    """Starts `syncd --config PATH run`; waits until its HTTP endpoint listens; kills on exit."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
-    process = await asyncio.create_subprocess_exec(
-        *_syncd_command(),
-        "--config",
-        str(config_path),
-        "run",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        limit=2**22,
-    )
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        daemon = DaemonProcess(process, session)
-        readers = [
-            asyncio.create_task(_collect(process.stderr, daemon.stderr_lines)),
-            asyncio.create_task(_collect(process.stdout, daemon.stdout_lines)),
-        ]
-        try:
-
-            async def listening() -> dict[str, Any] | None:
-                if process.returncode is not None:
-                    raise AssertionError(
-                        f"syncd run exited with {process.returncode}:\n{daemon.all_output()}"
-                    )
-                found = [
-                    json.loads(line)
-                    for line in daemon.stderr_lines
-                    if '"http endpoint listening"' in line
-                ]
-                return found[0] if found else None
-
-            line = await wait_for(
-                listening, timeout_s=STARTUP_DEADLINE_S, what="the HTTP endpoint to listen"
-            )
-            daemon.base_url = f"http://127.0.0.1:{line['port']}"
-            yield daemon
-        finally:
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            await asyncio.gather(*readers)
-            # Shown by pytest only when the test fails.
-            print(f"--- syncd run output (exit {process.returncode}) ---\n{daemon.all_output()}")
 
 
 def _assert_clean_logs(daemon: DaemonProcess, secrets: Iterable[str]) -> None:
@@ -675,25 +486,6 @@ async def test_status_and_gauges_survive_a_restart(
 
 
 # --- in-process: the daemon without its process ----------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def serving_daemon(
-    config_path: Path, engine: AsyncEngine
-) -> AsyncIterator[tuple[daemon_module.Daemon, str]]:
-    """`Daemon.serve` on `engine` in this test's event loop; yields it and its base URL."""
-    cfg = config.load_config(config_path, environ={})
-    daemon = daemon_module.Daemon(cfg, config_path=config_path, scrubber=logs.SecretScrubber())
-    bound: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    serving = asyncio.create_task(
-        daemon.serve(engine, "127.0.0.1", 0, on_listening=lambda h, p: bound.set_result((h, p)))
-    )
-    try:
-        host, port = await asyncio.wait_for(asyncio.shield(bound), STARTUP_DEADLINE_S)
-        yield daemon, f"http://{host}:{port}"
-    finally:
-        daemon.stop()
-        await asyncio.wait_for(serving, 30.0)
 
 
 async def test_in_process_daemon_serves_status_metrics_and_reloads(

@@ -22,9 +22,9 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import simulator as sim
+from tests.fixtures.daemons import DaemonProcess, running_daemon, serving_daemon
 from tests.fixtures.fault_helpers import assert_history_sound, tenant_block, wait_for, write_config
 from tests.fixtures.helpers import fetch_all
-from tests.test_daemon import DaemonProcess, running_daemon, serving_daemon
 
 pytestmark = pytest.mark.slow
 
