@@ -151,7 +151,9 @@ def _secret_from_file(value: object, info: ValidationInfo) -> object:
 SecretFromEnv = Annotated[SecretStr | None, BeforeValidator(_secret_from_env)]
 SecretFromFile = Annotated[SecretStr | None, BeforeValidator(_secret_from_file)]
 
-PageSize = Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)]
+# At least 2: consecutive pages share one item, which is how drift between page fetches
+# shows; pages of one item cannot overlap, and a snapshot could then miss a pair.
+PageSize = Annotated[int, Field(ge=2, le=MAX_PAGE_SIZE)]
 PositiveInt = Annotated[int, Field(ge=1, le=1000)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Retries = Annotated[int, Field(ge=0, le=100)]

@@ -228,6 +228,10 @@ class SnapshotTracker:
 
     def __init__(self, *, tenant: str, limit: int, max_total: int) -> None:
         self.tenant = tenant
+        if limit < 2:
+            # Pages of one item cannot share an item with their neighbours: drift between
+            # fetches would go unseen and a complete-looking snapshot could miss a pair.
+            raise ValueError(f"a snapshot needs pages of at least 2 items, not {limit}")
         self.limit = limit
         self.max_total = max_total
         self.total: int | None = None
@@ -265,7 +269,7 @@ class SnapshotTracker:
             raise errors.PageProblem(
                 f"tenant {self.tenant!r}, offset 0: data: {count} items for limit "
                 f"{self.limit} of {first.total}: the server serves smaller pages than asked "
-                f"for; set [sync] page_size = {max(count, 1)} for this tenant",
+                f"for; set [sync] page_size = {max(count, 2)} for this tenant",
                 tenant=self.tenant,
                 offset=0,
                 field="data",

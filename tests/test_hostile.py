@@ -81,7 +81,7 @@ async def test_a_one_item_first_page_never_becomes_a_page_size_of_one(
     failed = {name for name, outcome in result.collections.items() if outcome.status == "failed"}
     assert failed == set(sim.COLLECTIONS) - {"immediate_copy_job_objects"}
     assert result.status == RunStatus.PARTIAL
-    assert result.error is not None and "set [sync] page_size = 1" in result.error, result.error
+    assert result.error is not None and "set [sync] page_size = 2" in result.error, result.error
     assert _requests_of(sim_state, TENANT) == 1
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from syncd import errors, paging
+from syncd import config, errors, paging
 
 TENANT = "acme"
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -361,7 +361,7 @@ def _pages(items: list[dict[str, Any]], page_size: int) -> list[paging.Page]:
     return pages
 
 
-@pytest.mark.parametrize(("total", "page_size"), [(0, 5), (1, 5), (5, 5), (23, 5), (7, 1), (9, 2)])
+@pytest.mark.parametrize(("total", "page_size"), [(0, 5), (1, 5), (5, 5), (23, 5), (7, 2), (9, 2)])
 def test_tracker_complete(total: int, page_size: int) -> None:
     pages = _pages(_items(total), page_size)
     tracker = paging.SnapshotTracker(tenant=TENANT, limit=page_size, max_total=10**7)
@@ -389,13 +389,13 @@ def test_tracker_detects_drift() -> None:
     assert all(f"tenant {TENANT!r}" in problem for problem in outcome.problems)
 
 
-def test_tracker_page_size_one_has_no_overlap_check() -> None:
-    pages = _pages(_items(4), 1)
-    tracker = paging.SnapshotTracker(tenant=TENANT, limit=1, max_total=10**7)
-    tracker.start(pages[0])
-    for page in pages[1:]:
-        tracker.record(page)
-    assert tracker.outcome().complete
+def test_pages_of_one_item_are_refused_they_cannot_show_drift() -> None:
+    # Found by the snapshot fuzzer: with one-item pages, an insert and a delete between two
+    # fetches shift a pair out of every page, and nothing shows it.
+    with pytest.raises(ValueError, match="at least 2"):
+        paging.SnapshotTracker(tenant=TENANT, limit=1, max_total=10**7)
+    with pytest.raises(errors.ConfigError, match="page_size"):
+        config.validate_config({"sync": {"page_size": 1}}, environ={})
 
 
 def test_tracker_failed_page_leaves_a_gap() -> None:

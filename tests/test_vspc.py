@@ -188,12 +188,12 @@ async def test_empty_collection(sim_state: sim.SimulatorState, simulator: str) -
     assert [page.pairs for page in collector.pages] == [[]]
 
 
-async def test_page_size_one(sim_state: sim.SimulatorState, simulator: str) -> None:
+async def test_the_smallest_page_size(sim_state: sim.SimulatorState, simulator: str) -> None:
     del sim_tenant(sim_state).items[5:]
     sim_state.invalidate()
-    tenant = tenant_for(sim_tenant(sim_state), simulator, page_size=1)
+    tenant = tenant_for(sim_tenant(sim_state), simulator, page_size=2)
     outcome, collector = await snapshot(tenant)
-    assert outcome.complete and outcome.pages_fetched == 5
+    assert outcome.complete and outcome.pages_fetched == 4  # 0-1, 1-2, 2-3, 3-4
     assert collector.positions() == sorted_pairs(sim_tenant(sim_state))
 
 
