@@ -353,76 +353,97 @@ class _Applied:
     unavailable: tuple[str, ...]
 
 
-async def _apply_collection(
-    active: _ActiveRun, collection: Collection, outcome: SnapshotOutcome, *, remove_absent: bool
-) -> tuple[CollectionResult, store.ApplyResult]:
-    """Applies one collection's staged snapshot (uncommitted): additions and changes, and
-    removals if the snapshot is complete and `remove_absent`. (result, what its diff did)."""
-    connection, run = active.connection, active.run
-    remove_absent = remove_absent and outcome.complete
-    if collection.copy_mode is not None:
-        applied = await store.apply_snapshot(
-            connection, run, remove_absent=remove_absent, copy_mode=collection.copy_mode
-        )
-        added = applied.added
-    else:
-        applied = await store.apply_catalog_closes(
-            connection, run, collection.name, remove_absent=remove_absent
-        )
-        # New versions of changed items are inserted along with new items.
-        opened = await store.apply_catalog_opens(connection, run, collection.name)
-        added = opened - applied.changed
-    present_after = applied.present_before + added - applied.removed
+def _collection_result(
+    active: _ActiveRun,
+    collection: Collection,
+    outcome: SnapshotOutcome,
+    applied: store.ApplyResult,
+    *,
+    removed_absent: bool,
+) -> CollectionResult:
+    """A collection's outcome from what its diff did (`removed_absent`: with removals)."""
+    present_after = applied.present_before + applied.added - applied.removed
     if not outcome.complete:
         status = CollectionStatus.PARTIAL
         error: str | None = "incomplete snapshot, removals withheld: " + "; ".join(outcome.problems)
     else:
-        status = CollectionStatus.SUCCEEDED if remove_absent else CollectionStatus.PARTIAL
+        status = CollectionStatus.SUCCEEDED if removed_absent else CollectionStatus.PARTIAL
         error = None
-    # Succeeded: the items stored now are exactly the snapshot's distinct items.
-    seen = (
-        present_after
-        if status is CollectionStatus.SUCCEEDED
-        else await store.distinct_staged(connection, collection)
-    )
-    result = CollectionResult(
+    return CollectionResult(
         status=status,
         pages=active.stager.pages_of[collection.name],
-        seen=seen,
-        added=added,
+        seen=present_after,  # the snapshot's distinct items, when it succeeded
+        added=applied.added,
         removed=applied.removed,
         changed=applied.changed,
         error=error,
         current=present_after,
     )
-    return result, applied
 
 
 async def _apply_all(
     active: _ActiveRun, fetched: Sequence[_Fetched], withheld: Mapping[str, str]
 ) -> dict[str, tuple[CollectionResult, store.ApplyResult | None]]:
-    """Applies every collection that was fetched, removals withheld for those in
-    `withheld` (name: the mass-delete guard's verdict); the others get their outcome."""
-    results: dict[str, tuple[CollectionResult, store.ApplyResult | None]] = {}
+    """Applies every collection that was fetched (each links collection on its own, the
+    catalog collections together), removals withheld for incomplete snapshots and those in
+    `withheld` (name: the mass-delete guard's verdict). Results in `fetched`'s order."""
+    connection, run = active.connection, active.run
+    done: dict[str, tuple[CollectionResult, store.ApplyResult | None]] = {}
+    catalog: list[tuple[Collection, SnapshotOutcome]] = []
+    removable = {
+        item.collection.name
+        for item in fetched
+        if item.outcome is not None
+        and item.outcome.complete
+        and item.collection.name not in withheld
+    }
     for item in fetched:
         collection = item.collection
         if item.outcome is None:
             missing = CollectionStatus.UNAVAILABLE if item.unavailable else CollectionStatus.FAILED
             pages = active.stager.pages_of.get(collection.name, 0)
-            results[collection.name] = (CollectionResult(missing, pages, error=item.error), None)
-            continue
-        verdict = withheld.get(collection.name)
-        result, applied = await _apply_collection(
-            active, collection, item.outcome, remove_absent=verdict is None
+            done[collection.name] = (CollectionResult(missing, pages, error=item.error), None)
+        elif collection.copy_mode is None:
+            catalog.append((collection, item.outcome))
+        else:
+            remove = collection.name in removable
+            applied = await store.apply_snapshot(
+                connection, run, remove_absent=remove, copy_mode=collection.copy_mode
+            )
+            result = _collection_result(
+                active, collection, item.outcome, applied, removed_absent=remove
+            )
+            done[collection.name] = (result, applied)
+    if catalog:
+        names = [collection.name for collection, _ in catalog]
+        closes = await store.apply_catalog_closes(
+            connection, run, names, removable=[name for name in names if name in removable]
         )
-        if verdict is not None and item.outcome.complete:
+        opens = await store.apply_catalog_opens(connection, run, names)
+        for collection, outcome in catalog:
+            name = collection.name
+            # New versions of changed items are inserted along with new items.
+            applied = dataclasses.replace(closes[name], added=opens[name] - closes[name].changed)
+            result = _collection_result(
+                active, collection, outcome, applied, removed_absent=name in removable
+            )
+            done[name] = (result, applied)
+    results: dict[str, tuple[CollectionResult, store.ApplyResult | None]] = {}
+    for item in fetched:
+        result, diff = done[item.collection.name]
+        if result.status is CollectionStatus.PARTIAL:
+            # Not every item of the snapshot is stored: count what was staged.
+            seen = await store.distinct_staged(connection, item.collection)
+            result = dataclasses.replace(result, seen=seen)
+        verdict = withheld.get(item.collection.name)
+        if verdict is not None and result.error is None:
             result = dataclasses.replace(
                 result,
-                error=f"mass-delete guard: {verdict}; added {collection.noun} were stored, "
-                f"removals withheld. If the removals are real, run: syncd sync --tenant "
-                f"{active.run.tenant} --allow-mass-delete",
+                error=f"mass-delete guard: {verdict}; added {item.collection.noun} were "
+                f"stored, removals withheld. If the removals are real, run: syncd sync "
+                f"--tenant {run.tenant} --allow-mass-delete",
             )
-        results[collection.name] = (result, applied)
+        results[item.collection.name] = (result, diff)
     return results
 
 
