@@ -3,8 +3,9 @@
 Plain functions over a connection the caller owns: values go in and come out (a `Run`,
 an `ApplyResult`), nothing is remembered between calls, and nothing here commits. The
 sync engine (`sync.py`) owns every transaction. Pairs and catalog records reach their
-staging tables through asyncpg's binary `COPY`, never row by row; one diff per collection
-(links: per copy mode; catalog: per collection name) is set-based whatever the size.
+staging tables through asyncpg's binary `COPY`, never row by row; the diffs are set-based
+whatever the size: one statement per copy mode of links, two for all catalog collections
+together.
 Driver errors are recognised in one place, `db.is_database_error`, and turned into
 `errors.DatabaseError` by `db.database_errors`.
 """
