@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     check = commands.add_parser(
-        "check", help="validate the config and try each tenant's credentials and first page"
+        "check",
+        help="validate the config and try each tenant's credentials and collections' first pages",
     )
     check.add_argument("--tenant", action="append", default=[], metavar="NAME")
 

@@ -3,8 +3,9 @@
 Plain functions over a connection the caller owns: values go in and come out (a `Run`,
 an `ApplyResult`), nothing is remembered between calls, and nothing here commits. The
 sync engine (`sync.py`) owns every transaction. Pairs and catalog records reach their
-staging tables through asyncpg's binary `COPY`, never row by row; one diff per collection
-(links: per copy mode; catalog: per collection name) is set-based whatever the size.
+staging tables through asyncpg's binary `COPY`, never row by row; the diffs are set-based
+whatever the size: one statement per copy mode of links, two for all catalog collections
+together.
 Driver errors are recognised in one place, `db.is_database_error`, and turned into
 `errors.DatabaseError` by `db.database_errors`.
 """
@@ -150,18 +151,15 @@ async def prepare_staging(connection: AsyncConnection) -> None:
     each run: creating and dropping them per run would write ~6 kB of catalog WAL each time
     (plus ~13 kB if ANALYZEd), where a TRUNCATE writes ~0.5 kB.
     """
+    # One round trip for both (a run of a small tenant is mostly round trips).
     await connection.execute(
         sa.text(
-            f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING} ("
+            f"DO $$ BEGIN CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING} ("
             "copy_mode text NOT NULL, job_uid uuid NOT NULL, unique_job_uid uuid NOT NULL, "
-            "linked_job_uid uuid NOT NULL)"
-        )
-    )
-    await connection.execute(
-        sa.text(
+            "linked_job_uid uuid NOT NULL); "
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {CATALOG_STAGING} ("
             "collection text NOT NULL, uid uuid NOT NULL, attributes jsonb NOT NULL, "
-            "volatile jsonb NOT NULL)"
+            "volatile jsonb NOT NULL); END $$"
         )
     )
     if await _scalar(
@@ -174,15 +172,15 @@ async def prepare_staging(connection: AsyncConnection) -> None:
 
 
 async def clear_staging(connection: AsyncConnection) -> None:
-    """Empties the staging tables, if this connection has them (they outlive the run)."""
-    await connection.execute(
-        sa.text(
-            f"DO $$ BEGIN IF to_regclass('pg_temp.{STAGING}') IS NOT NULL THEN "
-            f"TRUNCATE pg_temp.{STAGING}; END IF; "
-            f"IF to_regclass('pg_temp.{CATALOG_STAGING}') IS NOT NULL THEN "
-            f"TRUNCATE pg_temp.{CATALOG_STAGING}; END IF; END $$"
-        )
+    """Empties the staging tables, if this connection has them (they outlive the run); an
+    empty one is left alone (a TRUNCATE is not free, and a collection may stage nothing)."""
+    checks = " ".join(
+        f"IF to_regclass('pg_temp.{table}') IS NOT NULL THEN "
+        f"IF EXISTS (SELECT FROM pg_temp.{table}) THEN TRUNCATE pg_temp.{table}; END IF; "
+        "END IF;"
+        for table in (STAGING, CATALOG_STAGING)
     )
+    await connection.execute(sa.text(f"DO $$ BEGIN {checks} END $$"))
 
 
 async def copy_pairs(connection: AsyncConnection, copy_mode: str, pairs: Sequence[Pair]) -> None:
@@ -209,6 +207,15 @@ async def copy_records(
     )
 
 
+async def prepare_apply(connection: AsyncConnection) -> None:
+    """Readies the transaction for the diffs (once, before them and before any savepoint).
+
+    A big tenant's diff costs enough to trigger JIT compilation, which only adds time to
+    statements of hash joins and plain comparisons.
+    """
+    await connection.execute(sa.text("SET LOCAL jit = off"))
+
+
 async def apply_snapshot(
     connection: AsyncConnection,
     run: Run,
@@ -223,11 +230,9 @@ async def apply_snapshot(
     mode with the staged ones finds both sides of the difference in one hash join (a full
     join cannot degrade into a nested loop, whatever the planner's estimates, and staging
     needs no ANALYZE); only the differing rows are materialized. New pairs are inserted in
-    the order of `uq_links_open_pair`, so its pages fill sequentially.
+    the order of `uq_links_open_pair`, so its pages fill sequentially. Run
+    `prepare_apply` first.
     """
-    # A big tenant's diff costs enough to trigger JIT compilation, which only adds
-    # time to a statement of hash joins and plain comparisons.
-    await connection.execute(sa.text("SET LOCAL jit = off"))
     row = (
         await connection.execute(
             sa.text(
@@ -293,41 +298,47 @@ async def open_links(connection: AsyncConnection, tenant_id: int, copy_mode: str
     return count
 
 
-# The staged records of one collection, one per uid (pages overlap by one item, and a
-# server may list an item twice: the same one wins every run, so no version flaps).
+# The staged records of the collections asked for, one per uid (pages overlap by one item,
+# and a server may list an item twice: the same one wins every run, so no version flaps).
 _STAGED_RECORDS = f"""
-    SELECT DISTINCT ON (uid) uid, attributes, volatile
+    SELECT DISTINCT ON (collection, uid) collection, uid, attributes, volatile
       FROM {CATALOG_STAGING}
-     WHERE collection = :collection
-     ORDER BY uid, attributes, volatile
+     WHERE collection = ANY(:collections)
+     ORDER BY collection, uid, attributes, volatile
 """
 
 
 async def apply_catalog_closes(
-    connection: AsyncConnection, run: Run, collection: str, *, remove_absent: bool
-) -> ApplyResult:
-    """First half of a catalog diff: closes the current version of items whose descriptive
-    fields changed and, if `remove_absent`, of items absent from the snapshot; updates
-    `volatile` in place where only volatile fields changed. `added` is left 0
+    connection: AsyncConnection,
+    run: Run,
+    collections: Sequence[str],
+    *,
+    removable: Sequence[str],
+) -> dict[str, ApplyResult]:
+    """First half of the catalog diff, for every one of `collections` in one statement:
+    closes the current version of items whose descriptive fields changed and, for the
+    `removable` collections, of items absent from the snapshot; updates `volatile` in place
+    where only volatile fields changed. Per collection, `added` is left 0
     (`apply_catalog_opens` inserts). A no-op writes nothing.
 
     Closing and opening are two statements: a new open version inserted in the statement
     that closes the old one would collide with it in `uq_catalog_items_open_item`, which
-    every statement checks against the table as it was when the statement began.
+    every statement checks against the table as it was when the statement began. Run
+    `prepare_apply` first.
     """
-    await connection.execute(sa.text("SET LOCAL jit = off"))
-    row = (
+    rows = (
         await connection.execute(
             sa.text(
                 f"""
                 WITH diff AS MATERIALIZED (
-                    SELECT o.id, o.attributes AS old_attributes, o.volatile AS old_volatile,
-                           s.uid, s.attributes, s.volatile
-                      FROM (SELECT id, uid, attributes, volatile
+                    SELECT o.id, o.collection AS stored_in, o.attributes AS old_attributes,
+                           o.volatile AS old_volatile, s.uid, s.attributes, s.volatile
+                      FROM (SELECT id, collection, uid, attributes, volatile
                               FROM syncd.catalog_items
-                             WHERE tenant_id = :tenant_id AND collection = :collection
+                             WHERE tenant_id = :tenant_id AND collection = ANY(:collections)
                                AND valid_to IS NULL) o
-                      FULL JOIN ({_STAGED_RECORDS}) s ON s.uid = o.uid
+                      FULL JOIN ({_STAGED_RECORDS}) s
+                        ON s.collection = o.collection AND s.uid = o.uid
                      WHERE o.id IS NULL OR s.uid IS NULL
                         OR o.attributes IS DISTINCT FROM s.attributes
                         OR o.volatile IS DISTINCT FROM s.volatile
@@ -336,75 +347,96 @@ async def apply_catalog_closes(
                        SET valid_to = :started_at, closed_run_id = :run_id
                       FROM diff d
                      WHERE c.id = d.id
-                       AND ((d.uid IS NULL AND :remove_absent)
+                       AND ((d.uid IS NULL AND d.stored_in = ANY(:removable))
                             OR (d.uid IS NOT NULL AND d.old_attributes <> d.attributes))
-                    RETURNING d.uid IS NULL AS removed
+                    RETURNING c.collection, d.uid IS NULL AS removed
                 ), refreshed AS (
                     UPDATE syncd.catalog_items c
                        SET volatile = d.volatile
                       FROM diff d
                      WHERE c.id = d.id AND d.uid IS NOT NULL
                        AND d.old_attributes = d.attributes AND d.old_volatile <> d.volatile
-                    RETURNING 1
+                    RETURNING c.collection
+                ), present AS (
+                    SELECT collection, count(*) AS items
+                      FROM syncd.catalog_items
+                     WHERE tenant_id = :tenant_id AND collection = ANY(:collections)
+                       AND valid_to IS NULL
+                     GROUP BY collection
                 )
-                SELECT (SELECT count(*) FILTER (WHERE removed) FROM closed),
-                       (SELECT count(*) FILTER (WHERE NOT removed) FROM closed),
-                       (SELECT count(*) FROM refreshed),
-                       (SELECT count(*) FROM syncd.catalog_items
-                         WHERE tenant_id = :tenant_id AND collection = :collection
-                           AND valid_to IS NULL)
+                SELECT name,
+                       (SELECT count(*) FROM closed WHERE collection = name AND removed),
+                       (SELECT count(*) FROM closed WHERE collection = name AND NOT removed),
+                       (SELECT count(*) FROM refreshed WHERE collection = name),
+                       coalesce((SELECT items FROM present WHERE collection = name), 0)
+                  FROM unnest(CAST(:collections AS text[])) AS name
                 """
             ),
             {
                 "tenant_id": run.tenant_id,
-                "collection": collection,
+                "collections": list(collections),
+                "removable": list(removable),
                 "run_id": run.id,
                 "started_at": run.started_at,
-                "remove_absent": remove_absent,
             },
         )
-    ).one()
-    return ApplyResult(
-        added=0,
-        removed=int(row[0]),
-        changed=int(row[1]),
-        refreshed=int(row[2]),
-        present_before=int(row[3]),
-    )
-
-
-async def apply_catalog_opens(connection: AsyncConnection, run: Run, collection: str) -> int:
-    """Second half of a catalog diff: inserts a current version for every staged item that
-    has none (new items, and the next version of those `apply_catalog_closes` just closed,
-    which keep their `first_seen_at`). Returns the rows inserted."""
-    inserted: int = await _scalar(
-        connection,
-        f"""
-        WITH added AS (
-            INSERT INTO syncd.catalog_items (tenant_id, collection, uid, attributes, volatile,
-                                             first_seen_at, valid_from, opened_run_id)
-            SELECT CAST(:tenant_id AS integer), CAST(:collection AS text), s.uid, s.attributes,
-                   s.volatile, coalesce(previous.first_seen_at, CAST(:started_at AS timestamptz)),
-                   CAST(:started_at AS timestamptz), CAST(:run_id AS bigint)
-              FROM ({_STAGED_RECORDS}) s
-              LEFT JOIN syncd.catalog_items previous
-                     ON previous.tenant_id = :tenant_id AND previous.collection = :collection
-                    AND previous.uid = s.uid AND previous.closed_run_id = :run_id
-             WHERE NOT EXISTS (
-                    SELECT FROM syncd.catalog_items o
-                     WHERE o.tenant_id = :tenant_id AND o.collection = :collection
-                       AND o.uid = s.uid AND o.valid_to IS NULL)
-             ORDER BY s.uid
-            RETURNING 1
+    ).all()
+    return {
+        str(row[0]): ApplyResult(
+            added=0,
+            removed=int(row[1]),
+            changed=int(row[2]),
+            refreshed=int(row[3]),
+            present_before=int(row[4]),
         )
-        SELECT count(*) FROM added
-        """,
-        tenant_id=run.tenant_id,
-        collection=collection,
-        run_id=run.id,
-        started_at=run.started_at,
-    )
-    return inserted
+        for row in rows
+    }
+
+
+async def apply_catalog_opens(
+    connection: AsyncConnection, run: Run, collections: Sequence[str]
+) -> dict[str, int]:
+    """Second half of the catalog diff: inserts a current version for every staged item of
+    `collections` that has none (new items, and the next version of those
+    `apply_catalog_closes` just closed, which keep their `first_seen_at`). Returns the rows
+    inserted, per collection."""
+    rows = (
+        await connection.execute(
+            sa.text(
+                f"""
+                WITH added AS (
+                    INSERT INTO syncd.catalog_items (tenant_id, collection, uid, attributes,
+                                                     volatile, first_seen_at, valid_from,
+                                                     opened_run_id)
+                    SELECT CAST(:tenant_id AS integer), s.collection, s.uid, s.attributes,
+                           s.volatile,
+                           coalesce(previous.first_seen_at, CAST(:started_at AS timestamptz)),
+                           CAST(:started_at AS timestamptz), CAST(:run_id AS bigint)
+                      FROM ({_STAGED_RECORDS}) s
+                      LEFT JOIN syncd.catalog_items previous
+                             ON previous.tenant_id = :tenant_id
+                            AND previous.collection = s.collection AND previous.uid = s.uid
+                            AND previous.closed_run_id = :run_id
+                     WHERE NOT EXISTS (
+                            SELECT FROM syncd.catalog_items o
+                             WHERE o.tenant_id = :tenant_id AND o.collection = s.collection
+                               AND o.uid = s.uid AND o.valid_to IS NULL)
+                     ORDER BY s.collection, s.uid
+                    RETURNING collection
+                )
+                SELECT name, (SELECT count(*) FROM added WHERE collection = name)
+                  FROM unnest(CAST(:collections AS text[])) AS name
+                """
+            ),
+            {
+                "tenant_id": run.tenant_id,
+                "collections": list(collections),
+                "run_id": run.id,
+                "started_at": run.started_at,
+            },
+        )
+    ).all()
+    return {str(row[0]): int(row[1]) for row in rows}
 
 
 async def distinct_staged(connection: AsyncConnection, collection: collections.Collection) -> int:

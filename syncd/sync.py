@@ -354,98 +354,135 @@ class _Applied:
     unavailable: tuple[str, ...]
 
 
-ApplyFunction = Callable[[bool], Awaitable[store.ApplyResult]]
+def _collection_result(
+    active: _ActiveRun,
+    collection: Collection,
+    outcome: SnapshotOutcome,
+    applied: store.ApplyResult,
+    *,
+    removed_absent: bool,
+) -> CollectionResult:
+    """A collection's outcome from what its diff did (`removed_absent`: with removals)."""
+    present_after = applied.present_before + applied.added - applied.removed
+    if not outcome.complete:
+        status = CollectionStatus.PARTIAL
+        error: str | None = "incomplete snapshot, removals withheld: " + "; ".join(outcome.problems)
+    else:
+        status = CollectionStatus.SUCCEEDED if removed_absent else CollectionStatus.PARTIAL
+        error = None
+    return CollectionResult(
+        status=status,
+        pages=active.stager.pages_of[collection.name],
+        seen=present_after,  # the snapshot's distinct items, when it succeeded
+        added=applied.added,
+        removed=applied.removed,
+        changed=applied.changed,
+        error=error,
+        current=present_after,
+    )
+
+
+async def _apply_all(
+    active: _ActiveRun, fetched: Sequence[_Fetched], withheld: Mapping[str, str]
+) -> dict[str, tuple[CollectionResult, store.ApplyResult | None]]:
+    """Applies every collection that was fetched (each links collection on its own, the
+    catalog collections together), removals withheld for incomplete snapshots and those in
+    `withheld` (name: the mass-delete guard's verdict). Results in `fetched`'s order."""
+    connection, run = active.connection, active.run
+    done: dict[str, tuple[CollectionResult, store.ApplyResult | None]] = {}
+    catalog: list[tuple[Collection, SnapshotOutcome]] = []
+    removable = {
+        item.collection.name
+        for item in fetched
+        if item.outcome is not None
+        and item.outcome.complete
+        and item.collection.name not in withheld
+    }
+    for item in fetched:
+        collection = item.collection
+        if item.outcome is None:
+            missing = CollectionStatus.UNAVAILABLE if item.unavailable else CollectionStatus.FAILED
+            pages = active.stager.pages_of.get(collection.name, 0)
+            done[collection.name] = (CollectionResult(missing, pages, error=item.error), None)
+        elif collection.copy_mode is None:
+            catalog.append((collection, item.outcome))
+        else:
+            remove = collection.name in removable
+            applied = await store.apply_snapshot(
+                connection, run, remove_absent=remove, copy_mode=collection.copy_mode
+            )
+            result = _collection_result(
+                active, collection, item.outcome, applied, removed_absent=remove
+            )
+            done[collection.name] = (result, applied)
+    if catalog:
+        names = [collection.name for collection, _ in catalog]
+        closes = await store.apply_catalog_closes(
+            connection, run, names, removable=[name for name in names if name in removable]
+        )
+        opens = await store.apply_catalog_opens(connection, run, names)
+        for collection, outcome in catalog:
+            name = collection.name
+            # New versions of changed items are inserted along with new items.
+            applied = dataclasses.replace(closes[name], added=opens[name] - closes[name].changed)
+            result = _collection_result(
+                active, collection, outcome, applied, removed_absent=name in removable
+            )
+            done[name] = (result, applied)
+    results: dict[str, tuple[CollectionResult, store.ApplyResult | None]] = {}
+    for item in fetched:
+        result, diff = done[item.collection.name]
+        if result.status is CollectionStatus.PARTIAL:
+            # Not every item of the snapshot is stored: count what was staged.
+            seen = await store.distinct_staged(connection, item.collection)
+            result = dataclasses.replace(result, seen=seen)
+        verdict = withheld.get(item.collection.name)
+        if verdict is not None and result.error is None:
+            result = dataclasses.replace(
+                result,
+                error=f"mass-delete guard: {verdict}; added {item.collection.noun} were "
+                f"stored, removals withheld. If the removals are real, run: syncd sync "
+                f"--tenant {run.tenant} --allow-mass-delete",
+            )
+        results[item.collection.name] = (result, diff)
+    return results
 
 
 async def _apply_guarded(
-    active: _ActiveRun, collection: Collection, settings: config.SyncSettings, apply: ApplyFunction
-) -> tuple[store.ApplyResult, str | None]:
-    """Applies a complete snapshot of `collection` under the mass-delete guard; (result,
-    verdict). `apply(remove_absent)` runs the collection's diff (its removing part).
+    active: _ActiveRun, fetched: Sequence[_Fetched], settings: config.SyncSettings
+) -> dict[str, tuple[CollectionResult, store.ApplyResult | None]]:
+    """Applies every collection under the mass-delete guard, each judged on its own.
 
-    Applies first and judges after, inside a savepoint: in the usual case (the guard lets
-    the removals through) the diff runs once, with no counting pass before it. When the
-    guard trips, the savepoint is rolled back and the snapshot applied again, adds only.
+    Applies first and judges after, inside one savepoint: in the usual case (the guard lets
+    every collection's removals through) each diff runs once, with no counting pass before
+    it. When the guard trips for some collection, the savepoint is rolled back and
+    everything applied again, those collections' removals withheld.
     """
     connection, run = active.connection, active.run
     savepoint = await connection.begin_nested()
-    applied = await apply(True)
-    verdict = None
-    if applied.removed:
+    results = await _apply_all(active, fetched, withheld={})
+    verdicts: dict[str, str] = {}
+    for name, (_, applied) in results.items():
+        if applied is None or not applied.removed:
+            continue
+        collection = collections.COLLECTIONS[name]
         verdict = mass_delete_verdict(
             removals=applied.removed,
             present_before=applied.present_before,
             baseline=await store.delete_baseline(
-                connection, run, settings.delete_baseline_window_s, collection.name
+                connection, run, settings.delete_baseline_window_s, name
             ),
-            snapshot_empty=active.stager.items_of[collection.name] == 0,
+            snapshot_empty=active.stager.items_of[name] == 0,
             settings=settings,
             noun=collection.noun,
         )
-    if verdict is None:
-        await savepoint.commit()
-        return applied, None
-    await savepoint.rollback()
-    return await apply(False), verdict
-
-
-async def _apply_collection(
-    active: _ActiveRun,
-    collection: Collection,
-    outcome: SnapshotOutcome,
-    settings: config.SyncSettings,
-    allow_mass_delete: bool,
-) -> CollectionResult:
-    """Applies one collection's staged snapshot (uncommitted)."""
-    connection, run = active.connection, active.run
-
-    async def apply(remove_absent: bool) -> store.ApplyResult:
-        if collection.copy_mode is not None:
-            return await store.apply_snapshot(
-                connection, run, remove_absent=remove_absent, copy_mode=collection.copy_mode
-            )
-        return await store.apply_catalog_closes(
-            connection, run, collection.name, remove_absent=remove_absent
-        )
-
-    verdict: str | None = None
-    if not outcome.complete:
-        applied = await apply(False)
-        error: str | None = "incomplete snapshot, removals withheld: " + "; ".join(outcome.problems)
-        status = CollectionStatus.PARTIAL
-    elif allow_mass_delete:
-        applied, error, status = await apply(True), None, CollectionStatus.SUCCEEDED
-    else:
-        applied, verdict = await _apply_guarded(active, collection, settings, apply)
-        status = CollectionStatus.SUCCEEDED if verdict is None else CollectionStatus.PARTIAL
-        error = None
         if verdict is not None:
-            error = (
-                f"mass-delete guard: {verdict}; added {collection.noun} were stored, removals "
-                f"withheld. If the removals are real, run: syncd sync --tenant {run.tenant} "
-                "--allow-mass-delete"
-            )
-    added, changed = applied.added, applied.changed
-    if collection.kind is Kind.CATALOG:
-        # New versions of changed items are inserted along with new items.
-        added = await store.apply_catalog_opens(connection, run, collection.name) - changed
-    present_after = applied.present_before + added - applied.removed
-    # Succeeded: the items stored now are exactly the snapshot's distinct items.
-    seen = (
-        present_after
-        if status is CollectionStatus.SUCCEEDED
-        else await store.distinct_staged(connection, collection)
-    )
-    return CollectionResult(
-        status=status,
-        pages=active.stager.pages_of[collection.name],
-        seen=seen,
-        added=added,
-        removed=applied.removed,
-        changed=changed,
-        error=error,
-        current=present_after,
-    )
+            verdicts[name] = verdict
+    if not verdicts:
+        await savepoint.commit()
+        return results
+    await savepoint.rollback()
+    return await _apply_all(active, fetched, withheld=verdicts)
 
 
 def _run_status(results: Mapping[str, CollectionResult]) -> RunStatus:
@@ -483,20 +520,13 @@ async def _apply(
     clean: Callable[[str], str],
 ) -> _Applied:
     """Applies every collection that was fetched (uncommitted) and sums up the run."""
+    await store.prepare_apply(active.connection)
+    if allow_mass_delete:
+        applied = await _apply_all(active, fetched, withheld={})
+    else:
+        applied = await _apply_guarded(active, fetched, settings)
     results: dict[str, CollectionResult] = {}
-    for item in fetched:
-        name = item.collection.name
-        if item.outcome is not None:
-            result = await _apply_collection(
-                active, item.collection, item.outcome, settings, allow_mass_delete
-            )
-        else:
-            missing = CollectionStatus.UNAVAILABLE if item.unavailable else CollectionStatus.FAILED
-            result = CollectionResult(
-                status=missing,
-                pages=active.stager.pages_of.get(name, 0),
-                error=item.error,
-            )
+    for name, (result, _) in applied.items():
         if result.error is not None:
             result = dataclasses.replace(result, error=clean(result.error))
         results[name] = result

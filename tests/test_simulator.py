@@ -689,3 +689,82 @@ async def test_serve_prints_a_usable_config(http: aiohttp.ClientSession) -> None
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# --- the other collections ---------------------------------------------------------------
+
+CATALOG_SORT = orjson.dumps([{"property": "instanceUid", "direction": "ascending"}]).decode()
+
+
+def test_catalog_agrees_with_the_links() -> None:
+    (tenant,) = sim.make_dataset(
+        tenants=1, pairs_per_tenant=2000, seed=4, immediate_pairs_per_tenant=300
+    )
+    jobs = {job["instanceUid"]: job for job in tenant.jobs}
+    assert len(jobs) == len(tenant.jobs)  # one item per job
+    copy_types = {jobs[i["jobUid"]]["type"] for i in tenant.items}
+    assert copy_types == {"BackupCopy"}
+    assert {jobs[i["jobUid"]]["type"] for i in tenant.immediate_items} == {"SimpleBackupCopy"}
+    sources = {i["linkedJobUid"] for i in tenant.items + tenant.immediate_items}
+    deleted = sources - set(jobs)
+    assert 0 < len(deleted) <= 0.02 * len(sources)  # a few linked jobs are gone from VBR
+    uncopied = [
+        job
+        for uid, job in jobs.items()
+        if uid not in sources and job["type"] in ("BackupVm", "AgentBackupJob", "AgentPolicy")
+    ]
+    assert len(uncopied) > 0.05 * len(sources)  # backup jobs nothing copies
+    servers = {server["instanceUid"] for server in tenant.backup_servers}
+    organizations = {org["instanceUid"] for org in tenant.organizations}
+    assert {job["backupServerUid"] for job in jobs.values()} <= servers
+    assert {job.get("mappedOrganizationUid") for job in jobs.values()} - {None} <= organizations
+    assert {server["organizationUid"] for server in tenant.backup_servers} <= organizations
+    # Without a catalog, or asked for no immediate pairs, the links are the same.
+    (bare,) = sim.make_dataset(tenants=1, pairs_per_tenant=2000, seed=4, catalog=False)
+    assert bare.items == tenant.items and bare.jobs == [] and bare.immediate_items == []
+
+
+async def test_every_collection_pages_and_can_be_unavailable(api: Api) -> None:
+    tenant = api.state.tenants["tenant-1"]
+    for name, path in sim.COLLECTION_PATHS.items():
+        sort = FULL_SORT if name in sim.LINK_COLLECTIONS else CATALOG_SORT
+        status, body, _ = await api.get(path, limit=500, sort=sort)
+        assert status == 200, name
+        assert body["meta"]["pagingInfo"]["total"] == len(tenant.collection(name))
+    api.state.unavailable_collections.add("organizations")
+    status, body, _ = await api.get(sim.ORGANIZATIONS_PATH, sort=CATALOG_SORT)
+    assert (status, body["errors"][0]["code"]) == (404, 404)
+    assert (await api.get(sim.JOBS_PATH, sort=CATALOG_SORT))[0] == 200
+
+
+async def test_a_fault_can_target_one_collection(api: Api) -> None:
+    api.state.inject(sim.Fault("520", collection="jobs", times=None))
+    assert (await api.get(sim.JOBS_PATH, sort=CATALOG_SORT))[0] == 520
+    assert (await api.get(sim.BACKUP_SERVERS_PATH, sort=CATALOG_SORT))[0] == 200
+    assert (await api.get(sort=FULL_SORT))[0] == 200
+    with pytest.raises(ValueError, match="unknown collection"):
+        sim.Fault("520", collection="job")
+
+
+async def test_payload_faults_damage_catalog_identities(api: Api) -> None:
+    api.state.inject(sim.Fault("bad_uuid", collection="jobs"))
+    _, body, _ = await api.get(sim.JOBS_PATH, sort=CATALOG_SORT, limit=10)
+    assert sum(item["instanceUid"] == "not-a-uuid" for item in body["data"]) == 1
+    api.state.inject(sim.Fault("missing_field", collection="organizations"))
+    _, body, _ = await api.get(sim.ORGANIZATIONS_PATH, sort=CATALOG_SORT)
+    assert sum("instanceUid" not in item for item in body["data"]) == 1
+
+
+async def test_rename_and_drift_of_a_catalog(api: Api) -> None:
+    uid = api.state.tenants["tenant-1"].jobs[0]["instanceUid"]
+    _, before, _ = await api.get(sim.JOBS_PATH, sort=CATALOG_SORT, limit=500)
+    api.state.rename_job("tenant-1", uid, "Renamed")
+    _, after, _ = await api.get(sim.JOBS_PATH, sort=CATALOG_SORT, limit=500)
+    assert [job["name"] for job in after["data"] if job["instanceUid"] == uid] == ["Renamed"]
+    assert len(after["data"]) == len(before["data"])
+    uids = {job["instanceUid"] for job in after["data"]}
+    api.state.inject(sim.Fault("drift", collection="jobs"))
+    await api.get(sim.JOBS_PATH, sort=CATALOG_SORT, limit=10)
+    _, drifted, _ = await api.get(sim.JOBS_PATH, sort=CATALOG_SORT, limit=500)
+    moved = {job["instanceUid"] for job in drifted["data"]}
+    assert len(moved) == len(uids) and len(moved - uids) == 1
