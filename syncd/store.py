@@ -31,6 +31,14 @@ from syncd.paging import Pair, Record
 LOCK_NAMESPACE = 1398361667
 STAGING = "syncd_staging"
 CATALOG_STAGING = "syncd_catalog_staging"
+# One staging table of pairs per copy mode, all of the shape the periodic one always had:
+# the million-pair path stages and joins exactly as before (no mode column to copy or
+# filter on).
+PAIR_STAGING: dict[str, str] = {
+    mode: STAGING if mode == collections.CopyMode.PERIODIC else f"{STAGING}_{mode}"
+    for mode in collections.CopyMode
+}
+_STAGING_TABLES = (*PAIR_STAGING.values(), CATALOG_STAGING)
 
 _NIL = models.NO_UNIQUE_JOB_UID
 
@@ -145,18 +153,21 @@ async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, re
 
 async def prepare_staging(connection: AsyncConnection) -> None:
     """Empty temporary staging tables (not WAL-logged, private to this connection): one
-    for the pairs of both copy modes, one for catalog records of every collection.
+    for the pairs of each copy mode, one for catalog records of every collection.
 
     The tables live as long as the pooled connection and `clear_staging` empties them after
     each run: creating and dropping them per run would write ~6 kB of catalog WAL each time
     (plus ~13 kB if ANALYZEd), where a TRUNCATE writes ~0.5 kB.
     """
-    # One round trip for both (a run of a small tenant is mostly round trips).
+    pair_tables = " ".join(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {table} (job_uid uuid NOT NULL, "
+        "unique_job_uid uuid NOT NULL, linked_job_uid uuid NOT NULL);"
+        for table in PAIR_STAGING.values()
+    )
+    # One round trip for all (a run of a small tenant is mostly round trips).
     await connection.execute(
         sa.text(
-            f"DO $$ BEGIN CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING} ("
-            "copy_mode text NOT NULL, job_uid uuid NOT NULL, unique_job_uid uuid NOT NULL, "
-            "linked_job_uid uuid NOT NULL); "
+            f"DO $$ BEGIN {pair_tables} "
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {CATALOG_STAGING} ("
             "collection text NOT NULL, uid uuid NOT NULL, attributes jsonb NOT NULL, "
             "volatile jsonb NOT NULL); END $$"
@@ -164,11 +175,11 @@ async def prepare_staging(connection: AsyncConnection) -> None:
     )
     if await _scalar(
         connection,
-        f"SELECT EXISTS (SELECT FROM pg_temp.{STAGING}) "
-        f"OR EXISTS (SELECT FROM pg_temp.{CATALOG_STAGING})",
+        "SELECT " + " OR ".join(f"EXISTS (SELECT FROM pg_temp.{t})" for t in _STAGING_TABLES),
     ):
         # A run on this connection ended without clearing them (e.g. the clear failed).
-        await connection.execute(sa.text(f"TRUNCATE pg_temp.{STAGING}, pg_temp.{CATALOG_STAGING}"))
+        tables = ", ".join(f"pg_temp.{table}" for table in _STAGING_TABLES)
+        await connection.execute(sa.text(f"TRUNCATE {tables}"))
 
 
 async def clear_staging(connection: AsyncConnection) -> None:
@@ -178,19 +189,19 @@ async def clear_staging(connection: AsyncConnection) -> None:
         f"IF to_regclass('pg_temp.{table}') IS NOT NULL THEN "
         f"IF EXISTS (SELECT FROM pg_temp.{table}) THEN TRUNCATE pg_temp.{table}; END IF; "
         "END IF;"
-        for table in (STAGING, CATALOG_STAGING)
+        for table in _STAGING_TABLES
     )
     await connection.execute(sa.text(f"DO $$ BEGIN {checks} END $$"))
 
 
 async def copy_pairs(connection: AsyncConnection, copy_mode: str, pairs: Sequence[Pair]) -> None:
-    """Appends `pairs` of `copy_mode` to the staging table with one binary COPY."""
+    """Appends `pairs` of `copy_mode` to its staging table with one binary COPY."""
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection
     await driver.copy_records_to_table(
-        STAGING,
-        records=[(copy_mode, job, unique or _NIL, linked) for job, unique, linked in pairs],
-        columns=("copy_mode", "job_uid", "unique_job_uid", "linked_job_uid"),
+        PAIR_STAGING[copy_mode],
+        records=[(job, unique or _NIL, linked) for job, unique, linked in pairs],
+        columns=("job_uid", "unique_job_uid", "linked_job_uid"),
     )
 
 
@@ -243,8 +254,7 @@ async def apply_snapshot(
                               FROM syncd.links
                              WHERE tenant_id = :tenant_id AND copy_mode = :copy_mode
                                AND valid_to IS NULL) o
-                      FULL JOIN (SELECT job_uid, linked_job_uid, unique_job_uid
-                                   FROM {STAGING} WHERE copy_mode = :copy_mode) s
+                      FULL JOIN {PAIR_STAGING[copy_mode]} s
                         ON s.job_uid = o.job_uid
                        AND s.linked_job_uid = o.linked_job_uid
                        AND s.unique_job_uid = o.unique_job_uid
@@ -441,16 +451,19 @@ async def apply_catalog_opens(
 
 async def distinct_staged(connection: AsyncConnection, collection: collections.Collection) -> int:
     """How many distinct items of `collection` the staging tables hold."""
-    if collection.kind is collections.Kind.LINKS:
-        statement = (
-            f"SELECT count(*) FROM (SELECT DISTINCT job_uid, unique_job_uid, linked_job_uid "
-            f"FROM {STAGING} WHERE copy_mode = :key) d"
+    count: int
+    if collection.copy_mode is not None:
+        count = await _scalar(
+            connection,
+            "SELECT count(*) FROM (SELECT DISTINCT job_uid, unique_job_uid, linked_job_uid "
+            f"FROM {PAIR_STAGING[collection.copy_mode]}) d",
         )
-        key = str(collection.copy_mode)
     else:
-        statement = f"SELECT count(DISTINCT uid) FROM {CATALOG_STAGING} WHERE collection = :key"
-        key = collection.name
-    count: int = await _scalar(connection, statement, key=key)
+        count = await _scalar(
+            connection,
+            f"SELECT count(DISTINCT uid) FROM {CATALOG_STAGING} WHERE collection = :name",
+            name=collection.name,
+        )
     return count
 
 
