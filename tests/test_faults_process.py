@@ -250,7 +250,8 @@ async def test_two_daemons_share_a_database_then_stop_with_runs_in_flight(
         tmp_path,
         db_url,
         [tenant_block(tenant, simulator, interval="300ms") for tenant in tenants],
-        sync={"max_concurrent_pages": 1},
+        # The links alone: the subject is two processes on one database, not the catalog.
+        sync={"max_concurrent_pages": 1, "collections": ["backup_copy_job_objects"]},
         daemon={"listen": "127.0.0.1:0", "startup_spread": "50ms", "shutdown_grace": "200ms"},
     )
     async with (
@@ -294,7 +295,7 @@ async def test_two_daemons_share_a_database_then_stop_with_runs_in_flight(
         sim_state.inject(sim.Fault(kind="latency", delay_s=1.0, times=None))
         await wait_for(
             lambda: _running_since(engine, slow_since),
-            timeout_s=10,
+            timeout_s=30,
             what="a slow run in flight before SIGTERM",
         )
         for daemon in (first, second):
