@@ -25,6 +25,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Text,
     func,
@@ -166,6 +167,32 @@ class ScheduleRow(Base):
     claimed_by: Mapped[str | None] = mapped_column(Text)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ConfirmedSnapshotRow(Base):
+    """The last snapshot of a tenant's collection that was complete and fully applied.
+
+    A later snapshot with the same key (total, page size, every page's digest) has the same
+    items, and the stored data already equals it: the run skips staging and diff for that
+    collection. Written in the transaction that applies a complete snapshot with removals;
+    deleted by one that applies any other way; untouched when nothing is applied. Anything
+    else that changes `links` or `catalog_items` (a future migration, a manual edit) must
+    delete the tenant's rows here.
+    """
+
+    __tablename__ = "confirmed_snapshots"
+
+    tenant_id: Mapped[int] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    collection: Mapped[str] = mapped_column(Text, primary_key=True)
+    total: Mapped[int] = mapped_column(BigInteger)
+    page_size: Mapped[int] = mapped_column(Integer)
+    # Every page's 16-byte digest, in offset order.
+    digests: Mapped[bytes] = mapped_column(LargeBinary)
+    # Items stored once the snapshot was applied (distinct: pages may list one twice).
+    items: Mapped[int] = mapped_column(BigInteger)
+    run_id: Mapped[int] = mapped_column(BigInteger)
 
 
 class LinkRow(Base):

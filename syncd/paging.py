@@ -16,11 +16,13 @@ a pair present throughout is never missed without a reported drift.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import orjson
 
@@ -56,38 +58,85 @@ class Record:
 
 
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_HEX_DIGITS = str.maketrans("", "", "0123456789abcdef")
 _UUID_LEN = 36
+UUID_BYTES = 16
+NIL_BYTES = bytes(UUID_BYTES)
+_NIL_TEXT = str(UUID(bytes=NIL_BYTES))
+DIGEST_BYTES = 16
 _HYPHENS = (8, 13, 18, 23)
 _REQUIRED = ("jobUid", "linkedJobUid")
 _VALUE_PREVIEW = 60
 
 
 @dataclass(frozen=True, slots=True)
+class PairBlock:
+    """The pairs of one page, packed: the i-th pair is the i-th 16 bytes of each field.
+
+    Packed bytes, not a tuple of strings per pair: a page is checked, hashed, compared and
+    turned into COPY rows by a few C-level operations over whole fields, whatever its
+    length. An absent `uniqueJobUid` is the nil UUID (as stored).
+    """
+
+    count: int
+    jobs: bytes
+    uniques: bytes
+    links: bytes
+
+    def key(self, index: int) -> bytes:
+        """The identity of the pair at `index` (48 bytes), for overlap checks."""
+        start, end = index * UUID_BYTES, (index + 1) * UUID_BYTES
+        return self.jobs[start:end] + self.uniques[start:end] + self.links[start:end]
+
+    def pairs(self) -> list[Pair]:
+        """The pairs as canonical text (slow: for tests and tools, not the sync path)."""
+        return [
+            (
+                str(UUID(bytes=self.jobs[i : i + UUID_BYTES])),
+                None
+                if self.uniques[i : i + UUID_BYTES] == NIL_BYTES
+                else str(UUID(bytes=self.uniques[i : i + UUID_BYTES])),
+                str(UUID(bytes=self.links[i : i + UUID_BYTES])),
+            )
+            for i in range(0, self.count * UUID_BYTES, UUID_BYTES)
+        ]
+
+
+EMPTY_BLOCK = PairBlock(0, b"", b"", b"")
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     """One checked page of a collection.
 
-    `pairs` (links collections) or `records` (catalog collections) holds every item of the
+    `block` (links collections) or `records` (catalog collections) holds every item of the
     page in server order, including the item this page shares with the previous one; the
-    other list is empty. `has_paging_info` is False when the server sent no
-    `meta.pagingInfo` (allowed on a first page only); `total` is then the item count.
+    other is empty. `has_paging_info` is False when the server sent no `meta.pagingInfo`
+    (allowed on a first page only); `total` is then the item count. `digest` identifies
+    the page's items in their order (equal items, equal digest): a snapshot whose pages
+    all have the digests of the one stored is the one stored.
     """
 
     offset: int
     total: int
-    pairs: list[Pair]
+    block: PairBlock = EMPTY_BLOCK
     has_paging_info: bool = True
     records: list[Record] = field(default_factory=list)
+    digest: bytes = b""
 
     @property
     def count(self) -> int:
         """Items on the page."""
-        return len(self.pairs) or len(self.records)
+        return self.block.count or len(self.records)
+
+    @property
+    def pairs(self) -> list[Pair]:
+        """The page's pairs as text (slow; see `PairBlock.pairs`)."""
+        return self.block.pairs()
 
     def edge_keys(self) -> tuple[object, object] | None:
         """Identity of the first and the last item (what overlapping pages compare)."""
-        if self.pairs:
-            return self.pairs[0], self.pairs[-1]
+        if self.block.count:
+            return self.block.key(0), self.block.key(self.block.count - 1)
         if self.records:
             return self.records[0].uid, self.records[-1].uid
         return None
@@ -107,6 +156,43 @@ class SnapshotOutcome:
     pages_fetched: int
     items_seen: int
     problems: tuple[str, ...]
+    # The pages' digests in offset order, for a complete snapshot (else empty), and the
+    # page size they were read with: with `total`, what identifies the snapshot's contents
+    # (`key`). Not part of the judgement, so not compared.
+    digests: bytes = field(default=b"", compare=False)
+    page_size: int = field(default=0, compare=False)
+
+    def key(self) -> SnapshotKey | None:
+        """What identifies this snapshot's contents; None unless it is complete."""
+        if not self.complete or self.total is None:
+            return None
+        return SnapshotKey(self.total, self.page_size, self.digests)
+
+
+@dataclass(frozen=True)
+class SnapshotKey:
+    """The identity of a complete snapshot's contents: its total, the page size it was read
+    with and every page's digest in order.
+
+    Pages come in the collection's total order (`sort_param`) and the plan of pages follows
+    from total and page size, so equal contents give equal keys; a different item anywhere
+    changes its page's 128-bit digest. Compare with `matches` page by page as they arrive.
+    """
+
+    total: int
+    page_size: int
+    digests: bytes
+
+    def matches(self, page: Page) -> bool:
+        """True when `page` is, by its digest, the page at its offset in this snapshot."""
+        if page.total != self.total or not page.has_paging_info:
+            return False
+        stride = self.page_size - 1
+        index = page.offset // stride if stride > 0 else -1
+        if index < 0 or index * stride != page.offset:
+            return False
+        start = index * DIGEST_BYTES
+        return self.digests[start : start + DIGEST_BYTES] == page.digest
 
 
 def plan_offsets(total: int, page_size: int, *, overlap: bool = True) -> range:
@@ -213,9 +299,17 @@ def _page(
     *,
     has_paging_info: bool = True,
 ) -> Page:
+    digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
     if collection.kind is collections.Kind.LINKS:
-        return Page(offset, total, _pairs(data, problem), has_paging_info)
-    return Page(offset, total, [], has_paging_info, _records(data, collection, problem))
+        block = _pair_block(data, problem)
+        digest.update(block.jobs)
+        digest.update(block.uniques)
+        digest.update(block.links)
+        return Page(offset, total, block, has_paging_info, digest=digest.digest())
+    records = _records(data, collection, problem)
+    for record in records:
+        digest.update(f"{record.uid}\x1f{record.attributes}\x1f{record.volatile}\x1e".encode())
+    return Page(offset, total, EMPTY_BLOCK, has_paging_info, records, digest.digest())
 
 
 class SnapshotTracker:
@@ -282,9 +376,9 @@ class SnapshotTracker:
         """Notes a page that passed `parse_page`."""
         edges = page.edge_keys()
         if edges is not None:
-            self._edges[page.offset] = _Edges(page.count, *edges)
+            self._edges[page.offset] = _Edges(page.count, *edges, page.digest)
         else:
-            self._edges[page.offset] = _Edges(0, None, None)
+            self._edges[page.offset] = _Edges(0, None, None, page.digest)
 
     def record_failure(self, reason: str) -> None:
         """Notes a page that could not be fetched or failed a check (reason names both)."""
@@ -298,12 +392,17 @@ class SnapshotTracker:
             items_seen = self._check_coverage(self.total, problems)
         elif self._edges:
             items_seen = max(edges.count for edges in self._edges.values())
+        complete = self.total is not None and not problems
         return SnapshotOutcome(
-            complete=self.total is not None and not problems,
+            complete=complete,
             total=self.total,
             pages_fetched=len(self._edges),
             items_seen=items_seen,
             problems=tuple(problems),
+            digests=b"".join(self._edges[offset].digest for offset in sorted(self._edges))
+            if complete
+            else b"",
+            page_size=self.limit,
         )
 
     def _check_coverage(self, total: int, problems: list[str]) -> int:
@@ -343,6 +442,7 @@ class _Edges:
     count: int
     first: object
     last: object
+    digest: bytes
 
 
 _ProblemFactory = Callable[[str, str], errors.PageProblem]
@@ -355,56 +455,57 @@ def _count(paging_info: dict[str, object], key: str, problem: _ProblemFactory) -
     return value
 
 
-def _pairs(data: list[object], problem: _ProblemFactory) -> list[Pair]:
-    """Pairs of `data`, lowercased; raises the first item problem found.
+def _pair_block(data: list[object], problem: _ProblemFactory) -> PairBlock:
+    """The pairs of `data`, packed; raises the first item problem found.
 
-    The fast path validates each field over all items at once (joined text, C-level string
-    operations: ~3x faster than a regex per field); only when that fails does the slow path
-    walk the items to name the first bad one.
+    The fast path checks and packs each field over all items at once (one joined string,
+    C-level operations; no object per pair); only when that fails does the slow path walk
+    the items to name the first bad one.
     """
     count = len(data)
     if not count:
-        return []
+        return EMPTY_BLOCK
     try:
-        jobs = "\n".join([item["jobUid"] for item in data]).lower()  # type: ignore[index]
-        links = "\n".join([item["linkedJobUid"] for item in data]).lower()  # type: ignore[index]
-        uniques: list[str | None] = [item.get("uniqueJobUid") for item in data]  # type: ignore[attr-defined]
-        present = [unique for unique in uniques if unique is not None]
-        unique_text = "\n".join(present).lower()
+        jobs = _packed_uuids("\n".join([item["jobUid"] for item in data]), count)  # type: ignore[index]
+        links = _packed_uuids("\n".join([item["linkedJobUid"] for item in data]), count)  # type: ignore[index]
+        uniques = _packed_uuids(
+            "\n".join(
+                [
+                    _NIL_TEXT if (unique := item.get("uniqueJobUid")) is None else unique  # type: ignore[attr-defined]
+                    for item in data
+                ]
+            ),
+            count,
+        )
     except (KeyError, TypeError, AttributeError):
         raise _first_bad_item(data, problem) from None
-    if not (
-        _all_uuids(jobs, count)
-        and _all_uuids(links, count)
-        and (not present or _all_uuids(unique_text, len(present)))
-    ):
+    if jobs is None or links is None or uniques is None:
         raise _first_bad_item(data, problem)
-    if len(present) == count:
-        return list(zip(jobs.split("\n"), unique_text.split("\n"), links.split("\n"), strict=True))
-    if present:
-        lowered = iter(unique_text.split("\n"))
-        uniques = [None if unique is None else next(lowered) for unique in uniques]
-    return list(zip(jobs.split("\n"), uniques, links.split("\n"), strict=True))
+    return PairBlock(count, jobs, uniques, links)
 
 
-def _all_uuids(joined: str, count: int) -> bool:
-    """True when `joined` is exactly `count` lowercase 36-char UUIDs separated by newlines.
+def _packed_uuids(joined: str, count: int) -> bytes | None:
+    """The 16-byte forms of `joined`, `count` 36-character UUIDs (either case) separated by
+    newlines; None unless it is exactly that.
 
     Sound because: the length fixes 37 characters per value; hyphens and newlines sit at
-    their fixed positions and there are no others (the counts match); and deleting the hex
-    digits leaves exactly those hyphens and newlines, so every other character is hex.
+    their fixed positions and there are no other hyphens (the count matches); and once the
+    hyphens are gone, `bytes.fromhex` turns pairs of hex digits into bytes and skips only
+    whitespace, so `16 * count` bytes out of the remaining `32 * count` non-newline
+    characters means every one of them is a hex digit.
     """
     stride = _UUID_LEN + 1
     if len(joined) != stride * count - 1:
-        return False
+        return None
     if any(joined[position::stride] != "-" * count for position in _HYPHENS):
-        return False
-    if joined[_UUID_LEN::stride] != "\n" * (count - 1):
-        return False
-    separators = len(_HYPHENS) * count + count - 1
-    return joined.count("-") == len(_HYPHENS) * count and (
-        len(joined.translate(_HEX_DIGITS)) == separators
-    )
+        return None
+    if joined[_UUID_LEN::stride] != "\n" * (count - 1) or joined.count("-") != 4 * count:
+        return None
+    try:
+        packed = bytes.fromhex(joined.replace("-", ""))
+    except ValueError:
+        return None
+    return packed if len(packed) == UUID_BYTES * count else None
 
 
 def _first_bad_item(data: list[object], problem: _ProblemFactory) -> errors.PageProblem:
@@ -421,7 +522,7 @@ def _first_bad_item(data: list[object], problem: _ProblemFactory) -> errors.Page
                 return problem(f"data[{index}].{key}", f"not a string: {_preview(value)}")
             if _UUID_RE.fullmatch(value.lower()) is None:
                 return problem(f"data[{index}].{key}", f"not a UUID: {_preview(value)}")
-    # Unreachable while _all_uuids and this walk agree; kept so a bug cannot pass bad data.
+    # Unreachable while _packed_uuids and this walk agree; kept so a bug cannot pass bad data.
     return problem("data", "items failed validation")
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -23,9 +23,9 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from syncd import collections, db, models, status
+from syncd import collections, db, status
 from syncd.models import RunStatus
-from syncd.paging import Pair, Record
+from syncd.paging import UUID_BYTES, PairBlock, Record, SnapshotKey
 
 # Advisory lock namespace ("SYNC"); the second key is the tenant's id.
 LOCK_NAMESPACE = 1398361667
@@ -40,7 +40,23 @@ PAIR_STAGING: dict[str, str] = {
 }
 _STAGING_TABLES = (*PAIR_STAGING.values(), CATALOG_STAGING)
 
-_NIL = models.NO_UNIQUE_JOB_UID
+# Binary COPY (PostgreSQL's documented format): a signature, flags and an extension length
+# up front, a -1 field count at the end; each pair row is 3 fields of 16 bytes.
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER = b"\xff\xff"
+_UUID_FIELD = UUID_BYTES.to_bytes(4, "big") + bytes(UUID_BYTES)
+_PAIR_ROW = (3).to_bytes(2, "big") + _UUID_FIELD * 3
+# Where each field's 16 bytes start within a row: after the field count, then after each
+# 4-byte length and the fields before.
+_PAIR_FIELD_STARTS = (6, 26, 46)
+
+
+@dataclass(frozen=True)
+class ConfirmedSnapshot:
+    """A collection's last complete, fully applied snapshot (`syncd.confirmed_snapshots`)."""
+
+    key: SnapshotKey
+    items: int  # items stored once it was applied
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,8 @@ class Run:
     started_at: datetime
     # The collections the tenant's previous run found unavailable (so a change is logged once).
     unavailable_before: tuple[str, ...] = ()
+    # Each collection's confirmed snapshot, by name, as the run started.
+    confirmed: Mapping[str, ConfirmedSnapshot] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,7 +149,9 @@ async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, re
                 "INSERT INTO syncd.runs (tenant_id, started_at, status, host, pid, replica) "
                 "VALUES (:tenant_id, now(), :running, :host, :pid, :replica) "
                 "RETURNING id, started_at, "
-                "(SELECT unavailable_collections FROM syncd.tenants WHERE id = :tenant_id)"
+                "(SELECT unavailable_collections FROM syncd.tenants WHERE id = :tenant_id), "
+                "(SELECT array_agg(ROW(collection, total, page_size, items, digests)) "
+                "FROM syncd.confirmed_snapshots WHERE tenant_id = :tenant_id)"
             ),
             {
                 "tenant_id": tenant_id,
@@ -148,6 +168,10 @@ async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, re
         tenant=tenant,
         started_at=row[1],
         unavailable_before=tuple(row[2] or ()),
+        confirmed={
+            name: ConfirmedSnapshot(SnapshotKey(total, page_size, bytes(digests)), items)
+            for name, total, page_size, items, digests in row[3] or ()
+        },
     )
 
 
@@ -194,14 +218,40 @@ async def clear_staging(connection: AsyncConnection) -> None:
     await connection.execute(sa.text(f"DO $$ BEGIN {checks} END $$"))
 
 
-async def copy_pairs(connection: AsyncConnection, copy_mode: str, pairs: Sequence[Pair]) -> None:
-    """Appends `pairs` of `copy_mode` to its staging table with one binary COPY."""
+def pair_copy_data(blocks: Sequence[PairBlock]) -> bytes:
+    """`blocks` as one binary COPY stream of (job_uid, unique_job_uid, linked_job_uid) rows.
+
+    Built field-wise, not row by row: a template of constant rows, then each of the 16
+    byte positions of each field written into every row with one strided slice assignment.
+    """
+    count = sum(block.count for block in blocks)
+    rows = bytearray(_PAIR_ROW * count)
+    row_size = len(_PAIR_ROW)
+    fields = [b"".join(block.jobs for block in blocks)]
+    fields.append(b"".join(block.uniques for block in blocks))
+    fields.append(b"".join(block.links for block in blocks))
+    for start, packed in zip(_PAIR_FIELD_STARTS, fields, strict=True):
+        for byte in range(UUID_BYTES):
+            rows[start + byte :: row_size] = packed[byte::UUID_BYTES]
+    return _COPY_HEADER + rows + _COPY_TRAILER
+
+
+async def copy_pairs(
+    connection: AsyncConnection, copy_mode: str, blocks: Sequence[PairBlock]
+) -> None:
+    """Appends the pairs of `blocks` to `copy_mode`'s staging table with one binary COPY."""
+    data = pair_copy_data(blocks)
+
+    async def source() -> AsyncIterator[bytes]:
+        yield data
+
     raw = await connection.get_raw_connection()
     driver: Any = raw.driver_connection
-    await driver.copy_records_to_table(
+    await driver.copy_to_table(
         PAIR_STAGING[copy_mode],
-        records=[(job, unique or _NIL, linked) for job, unique, linked in pairs],
+        source=source(),
         columns=("job_uid", "unique_job_uid", "linked_job_uid"),
+        format="binary",
     )
 
 
@@ -573,6 +623,53 @@ async def finish_run(
             "error": totals.error,
             "collections": orjson.dumps(totals.collections).decode(),
             "run_id": run.id,
+        },
+    )
+
+
+async def save_confirmed(
+    connection: AsyncConnection,
+    run: Run,
+    *,
+    confirm: Mapping[str, ConfirmedSnapshot],
+    forget: Sequence[str],
+) -> None:
+    """Records the snapshots `confirm`ed by this run (complete and fully applied) and
+    forgets those of the collections in `forget` (applied otherwise): one statement, in the
+    transaction that applies them."""
+    if not confirm and not forget:
+        return
+    names = list(confirm)
+    await connection.execute(
+        sa.text(
+            """
+            WITH forgotten AS (
+                DELETE FROM syncd.confirmed_snapshots
+                 WHERE tenant_id = :tenant_id
+                   AND collection = ANY(CAST(:forget AS text[]))
+            )
+            INSERT INTO syncd.confirmed_snapshots
+                   (tenant_id, collection, total, page_size, digests, items, run_id)
+            SELECT :tenant_id, c.collection, c.total, c.page_size, c.digests, c.items, :run_id
+              FROM unnest(CAST(:names AS text[]), CAST(:totals AS bigint[]),
+                          CAST(:page_sizes AS integer[]), CAST(:digests AS bytea[]),
+                          CAST(:items AS bigint[]))
+                   AS c(collection, total, page_size, digests, items)
+            ON CONFLICT (tenant_id, collection) DO UPDATE
+               SET total = EXCLUDED.total, page_size = EXCLUDED.page_size,
+                   digests = EXCLUDED.digests, items = EXCLUDED.items,
+                   run_id = EXCLUDED.run_id
+            """
+        ),
+        {
+            "tenant_id": run.tenant_id,
+            "run_id": run.id,
+            "forget": list(forget),
+            "names": names,
+            "totals": [confirm[name].key.total for name in names],
+            "page_sizes": [confirm[name].key.page_size for name in names],
+            "digests": [confirm[name].key.digests for name in names],
+            "items": [confirm[name].items for name in names],
         },
     )
 

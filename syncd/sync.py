@@ -35,7 +35,7 @@ from syncd import claims, collections, config, db, errors, logs, store, vspc
 from syncd.collections import Collection, Kind
 from syncd.collections import Status as CollectionStatus
 from syncd.models import RunStatus
-from syncd.paging import Page, Pair, Record, SnapshotOutcome
+from syncd.paging import Page, PairBlock, Record, SnapshotOutcome
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +44,9 @@ log = structlog.get_logger(__name__)
 # larger than pairs).
 COPY_BATCH_PAIRS = 20_000
 COPY_BATCH_RECORDS = 5_000
+# Items of one collection held back while its snapshot may equal the confirmed one (see
+# `_Stager`): most tenants' whole snapshot, at 48 bytes a pair a few MB.
+HOLD_MAX_ITEMS = 100_000
 BUSY = "busy: another syncd process is syncing this tenant"
 INTERRUPTED = "interrupted: syncd was stopped"
 
@@ -179,66 +182,143 @@ class _RunFailed(Exception):
         self.pages_fetched = pages_fetched
 
 
+@dataclass
+class _Staging:
+    """One collection's pages on their way to staging."""
+
+    collection: Collection
+    confirmed: store.ConfirmedSnapshot | None
+    # Pages held back while every one so far matches the confirmed snapshot: if the whole
+    # snapshot does, none is ever copied.
+    holding: bool
+    held: list[Page] = field(default_factory=list)
+    held_items: int = 0
+    blocks: list[PairBlock] = field(default_factory=list)
+    block_items: int = 0
+    records: list[Record] = field(default_factory=list)
+    pages: int = 0
+    items: int = 0
+    total: int = 0
+
+
 class _Stager:
     """Collects each collection's pages into COPY batches; counts what arrived.
+
+    While a collection's pages all match its confirmed snapshot (`store.ConfirmedSnapshot`,
+    page digests compared as they arrive), they are held in memory, at most
+    `HOLD_MAX_ITEMS` items: a snapshot equal to the confirmed one is then never copied nor
+    diffed. The first page that differs (or the bound) sends what was held to staging and
+    the rest streams as it arrives.
 
     The collections of a run arrive concurrently on one connection: a lock keeps their
     COPYs one at a time (a connection runs one statement at once).
     """
 
-    def __init__(self, connection: AsyncConnection, tenant: str, progress: ProgressSink | None):
+    def __init__(
+        self,
+        connection: AsyncConnection,
+        tenant: str,
+        progress: ProgressSink | None,
+        confirmed: Mapping[str, store.ConfirmedSnapshot],
+    ):
         self._connection = connection
         self._tenant = tenant
         self._progress = progress
+        self._confirmed = confirmed
         self._lock = asyncio.Lock()
-        self._pairs: dict[str, list[Pair]] = {}
-        self._records: dict[str, list[Record]] = {}
-        self._link_totals: dict[str, int] = {}
+        self._states: dict[str, _Staging] = {}
         self.pages = 0
-        self.pages_of: dict[str, int] = {}
-        self.items_of: dict[str, int] = {}
+        # Staging tables were readied this run (and need emptying after it).
+        self.staged = False
+        # Collections whose snapshot equals their confirmed one (set by `finish`).
+        self.unchanged: dict[str, store.ConfirmedSnapshot] = {}
+
+    def pages_of(self, name: str) -> int:
+        """Pages of collection `name` that arrived."""
+        state = self._states.get(name)
+        return 0 if state is None else state.pages
+
+    def items_of(self, name: str) -> int:
+        """Items (with the pages' shared ones) of collection `name` that arrived."""
+        state = self._states.get(name)
+        return 0 if state is None else state.items
 
     def sink(self, collection: Collection) -> Callable[[Page], Awaitable[None]]:
         """The `on_page` of `collection`'s snapshot."""
-        name = collection.name
-        self.pages_of[name] = self.items_of[name] = 0
-        self._pairs[name], self._records[name] = [], []
+        confirmed = self._confirmed.get(collection.name)
+        state = _Staging(collection, confirmed, holding=confirmed is not None)
+        self._states[collection.name] = state
 
         async def on_page(page: Page) -> None:
             self.pages += 1
-            self.pages_of[name] += 1
-            self.items_of[name] += page.count
-            if collection.kind is Kind.LINKS:
-                self._pairs[name].extend(page.pairs)
-                if len(self._pairs[name]) >= COPY_BATCH_PAIRS:
-                    await self._flush(collection)
-                if self._progress is not None:
-                    self._link_totals[name] = page.total
-                    total = sum(self._link_totals.values())
-                    self._progress.advance(self._tenant, len(page.pairs), total)
-            else:
-                self._records[name].extend(page.records)
-                if len(self._records[name]) >= COPY_BATCH_RECORDS:
-                    await self._flush(collection)
+            state.pages += 1
+            state.items += page.count
+            if self._progress is not None and collection.kind is Kind.LINKS:
+                state.total = page.total
+                total = sum(s.total for s in self._states.values())
+                self._progress.advance(self._tenant, page.count, total)
+            if state.holding:
+                assert state.confirmed is not None
+                if state.held_items + page.count <= HOLD_MAX_ITEMS and state.confirmed.key.matches(
+                    page
+                ):
+                    state.held.append(page)
+                    state.held_items += page.count
+                    return
+                self._release(state)
+            self._buffer(state, page)
+            if state.block_items >= COPY_BATCH_PAIRS or len(state.records) >= COPY_BATCH_RECORDS:
+                await self._flush(state)
 
         return on_page
 
-    async def _flush(self, collection: Collection) -> None:
-        name = collection.name
-        pairs, records = self._pairs[name], self._records[name]
-        self._pairs[name], self._records[name] = [], []
-        if not pairs and not records:
+    def _release(self, state: _Staging) -> None:
+        """Stops holding: what was held joins the COPY buffer."""
+        state.holding = False
+        for held in state.held:
+            self._buffer(state, held)
+        state.held, state.held_items = [], 0
+
+    @staticmethod
+    def _buffer(state: _Staging, page: Page) -> None:
+        if page.block.count:
+            state.blocks.append(page.block)
+            state.block_items += page.block.count
+        state.records.extend(page.records)
+
+    async def _flush(self, state: _Staging) -> None:
+        blocks, records = state.blocks, state.records
+        state.blocks, state.block_items, state.records = [], 0, []
+        if not blocks and not records:
             return
         async with self._lock:
-            if collection.copy_mode is not None:
-                await store.copy_pairs(self._connection, collection.copy_mode, pairs)
+            await self._ready_staging()
+            if state.collection.copy_mode is not None:
+                await store.copy_pairs(self._connection, state.collection.copy_mode, blocks)
             else:
-                await store.copy_records(self._connection, name, records)
+                await store.copy_records(self._connection, state.collection.name, records)
 
-    async def flush(self) -> None:
-        """COPYs what every collection still buffers."""
-        for name in self.pages_of:
-            await self._flush(collections.COLLECTIONS[name])
+    async def _ready_staging(self) -> None:
+        if not self.staged:
+            await store.prepare_staging(self._connection)
+            self.staged = True
+
+    async def finish(self, fetched: Sequence[_Fetched]) -> None:
+        """Stages what each fetched collection still buffers, except for those whose
+        snapshot equals their confirmed one (`unchanged`: nothing of them needs applying);
+        readies the staging tables if anything is to be applied."""
+        for item in fetched:
+            state = self._states.get(item.collection.name)
+            if state is None or item.outcome is None:
+                continue  # nothing to apply: what arrived stays unstaged
+            key = item.outcome.key()
+            if key is not None and state.confirmed is not None and key == state.confirmed.key:
+                self.unchanged[item.collection.name] = state.confirmed
+                state.held, state.blocks, state.records = [], [], []
+                continue
+            self._release(state)
+            await self._flush(state)
+            await self._ready_staging()
 
 
 @dataclass(frozen=True)
@@ -291,6 +371,7 @@ async def _run_lifecycle(
         if not locked:
             yield None
             return
+        stager: _Stager | None = None
         try:
             with db.database_errors("cannot record the run"):
                 abandoned = await store.close_abandoned_runs(connection, tenant_id)
@@ -302,7 +383,7 @@ async def _run_lifecycle(
                     tenant=tenant.name,
                     count=abandoned,
                 )
-            stager = _Stager(connection, tenant.name, progress)
+            stager = _Stager(connection, tenant.name, progress, run.confirmed)
             try:
                 with structlog.contextvars.bound_contextvars(tenant=tenant.name, run_id=run.id):
                     yield _ActiveRun(run, connection, stager)
@@ -320,7 +401,8 @@ async def _run_lifecycle(
         finally:
             with contextlib.suppress(Exception):
                 await connection.rollback()
-                await store.clear_staging(connection)
+                if stager is not None and stager.staged:
+                    await store.clear_staging(connection)
                 await store.unlock(connection, tenant_id)
                 await connection.commit()
     finally:
@@ -372,7 +454,7 @@ def _collection_result(
         error = None
     return CollectionResult(
         status=status,
-        pages=active.stager.pages_of[collection.name],
+        pages=active.stager.pages_of(collection.name),
         seen=present_after,  # the snapshot's distinct items, when it succeeded
         added=applied.added,
         removed=applied.removed,
@@ -402,8 +484,16 @@ async def _apply_all(
         collection = item.collection
         if item.outcome is None:
             missing = CollectionStatus.UNAVAILABLE if item.unavailable else CollectionStatus.FAILED
-            pages = active.stager.pages_of.get(collection.name, 0)
+            pages = active.stager.pages_of(collection.name)
             done[collection.name] = (CollectionResult(missing, pages, error=item.error), None)
+        elif (confirmed := active.stager.unchanged.get(collection.name)) is not None:
+            pages = active.stager.pages_of(collection.name)
+            done[collection.name] = (
+                CollectionResult(
+                    CollectionStatus.SUCCEEDED, pages, seen=confirmed.items, current=confirmed.items
+                ),
+                store.ApplyResult(added=0, removed=0, present_before=confirmed.items),
+            )
         elif collection.copy_mode is None:
             catalog.append((collection, item.outcome))
         else:
@@ -472,7 +562,7 @@ async def _apply_guarded(
             baseline=await store.delete_baseline(
                 connection, run, settings.delete_baseline_window_s, name
             ),
-            snapshot_empty=active.stager.items_of[name] == 0,
+            snapshot_empty=active.stager.items_of(name) == 0,
             settings=settings,
             noun=collection.noun,
         )
@@ -520,10 +610,14 @@ async def _apply(
     clean: Callable[[str], str],
 ) -> _Applied:
     """Applies every collection that was fetched (uncommitted) and sums up the run."""
-    await store.prepare_apply(active.connection)
-    if allow_mass_delete:
+    unchanged = active.stager.unchanged
+    if all(item.outcome is None or item.collection.name in unchanged for item in fetched):
+        applied = await _apply_all(active, fetched, withheld={})  # nothing to diff
+    elif allow_mass_delete:
+        await store.prepare_apply(active.connection)
         applied = await _apply_all(active, fetched, withheld={})
     else:
+        await store.prepare_apply(active.connection)
         applied = await _apply_guarded(active, fetched, settings)
     results: dict[str, CollectionResult] = {}
     for name, (result, _) in applied.items():
@@ -542,8 +636,13 @@ async def _apply(
         for collection, link_result in links:
             if link_result is None or link_result.current is None:
                 assert collection.copy_mode is not None
-                unapplied += await store.open_links(
-                    active.connection, active.run.tenant_id, collection.copy_mode
+                before = active.run.confirmed.get(collection.name)
+                unapplied += (
+                    before.items  # not applied since it was confirmed: still what is stored
+                    if before is not None
+                    else await store.open_links(
+                        active.connection, active.run.tenant_id, collection.copy_mode
+                    )
                 )
         current_pairs = sum(r.current or 0 for r in applied_links) + unapplied
         confirmed = unapplied == 0 and all(
@@ -563,6 +662,31 @@ async def _apply(
             name for name, r in results.items() if r.status == CollectionStatus.UNAVAILABLE
         ),
     )
+
+
+def _confirmations(
+    fetched: Sequence[_Fetched],
+    results: Mapping[str, CollectionResult],
+    unchanged: Mapping[str, store.ConfirmedSnapshot],
+    before: Mapping[str, store.ConfirmedSnapshot],
+) -> tuple[dict[str, store.ConfirmedSnapshot], list[str]]:
+    """The snapshots this run confirms (complete, applied with removals) and the confirmed
+    snapshots it makes stale (their collection applied any other way). A collection not
+    applied (failed, unavailable, or unchanged) keeps what it had."""
+    confirm: dict[str, store.ConfirmedSnapshot] = {}
+    forget: list[str] = []
+    for item in fetched:
+        name = item.collection.name
+        result = results[name]
+        if item.outcome is None or name in unchanged:
+            continue
+        key = item.outcome.key()
+        if result.status is CollectionStatus.SUCCEEDED and key is not None:
+            assert result.current is not None
+            confirm[name] = store.ConfirmedSnapshot(key, result.current)
+        elif name in before:
+            forget.append(name)
+    return confirm, forget
 
 
 # --- the one entry point -------------------------------------------------------------------
@@ -669,11 +793,16 @@ async def _fetch_and_apply(
     deadline = asyncio.timeout(settings.run_timeout_s)
     try:
         async with deadline:
-            await store.prepare_staging(active.connection)
             async with vspc.open_client(tenant, observer=observer, on_secret=on_secret) as client:
                 fetched = await _fetch(client, active, collections.by_names(settings.collections))
-            await active.stager.flush()
+            await active.stager.finish(fetched)
             applied = await _apply(active, fetched, settings, allow_mass_delete, clean)
+            confirm, forget = _confirmations(
+                fetched, applied.collections, active.stager.unchanged, active.run.confirmed
+            )
+            await store.save_confirmed(
+                active.connection, active.run, confirm=confirm, forget=forget
+            )
             _log_availability(tenant.name, active.run.unavailable_before, applied.unavailable)
             await store.finish_run(
                 active.connection,

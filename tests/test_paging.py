@@ -141,14 +141,11 @@ def test_parse_page_returns_lowercase_pairs_in_order() -> None:
     items = _items(3)
     items[1] = {key: value.upper() for key, value in items[1].items()}
     page = _parse(_body(items, total=10), limit=3)
-    assert page == paging.Page(
-        offset=0,
-        total=10,
-        pairs=[
-            (item["jobUid"].lower(), item["uniqueJobUid"].lower(), item["linkedJobUid"].lower())
-            for item in items
-        ],
-    )
+    assert (page.offset, page.total) == (0, 10)
+    assert page.pairs == [
+        (item["jobUid"].lower(), item["uniqueJobUid"].lower(), item["linkedJobUid"].lower())
+        for item in items
+    ]
     assert all(UUID_RE.fullmatch(value) for pair in page.pairs for value in pair if value)
 
 
@@ -472,3 +469,60 @@ def test_tracker_null_meta_full_page_is_incomplete() -> None:
     assert not outcome.complete and outcome.total is None
     assert "offset 0: meta.pagingInfo: missing" in outcome.problems[0]
     assert f"tenant {TENANT!r}" in outcome.problems[0]
+
+
+# --- packed pairs, digests and snapshot keys ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        # Two bad values whose concatenation would look like two good ones.
+        ("1" * 8 + "-1111-1111-1111-" + "1" * 11, "a" + "1" * 8 + "-1111-1111-1111-" + "1" * 12),
+        # A value holding a newline where a hex digit belongs, or other whitespace.
+        ("1" * 8 + "-1111-1111-1111-" + "1" * 11 + "\n", "1" * 8 + "-1111-1111-1111-" + "1" * 12),
+        ("1" * 8 + "-1111-1111-1111-" + "1" * 11 + " ", "1" * 8 + "-1111-1111-1111-" + "1" * 12),
+        # Non-ASCII digits and a hyphen out of place.
+        ("\u0661" * 8 + "-1111-1111-1111-" + "1" * 12, "1" * 8 + "-1111-1111-1111-" + "1" * 12),
+        ("1" * 8 + "-1111-1111-1111-" + "1" * 12, "1" * 8 + "-1111-1111-111-1" + "1" * 12),
+    ],
+)
+def test_crafted_values_that_pack_to_valid_bytes_are_rejected(first: str, second: str) -> None:
+    items = _items(2)
+    items[0]["jobUid"], items[1]["jobUid"] = first, second
+    problem = _problem(_body(items))
+    assert problem.field in ("data[0].jobUid", "data[1].jobUid")
+
+
+def test_packed_pairs_are_canonical_whatever_the_case() -> None:
+    items = _items(4, unique=None)
+    upper = [{key: value.upper() for key, value in item.items()} for item in items]
+    lower, shouted = _parse(_body(items)), _parse(_body(upper))
+    assert lower.block == shouted.block and lower.digest == shouted.digest
+    assert lower.block.uniques[: paging.UUID_BYTES] == paging.NIL_BYTES  # absent: nil
+    other = _parse(_body([*items[:3], _items(1, seed=9)[0]]))
+    assert other.digest != lower.digest
+
+
+def test_snapshot_key_is_total_page_size_and_every_page_digest_in_order() -> None:
+    items = _items(23)
+    pages = _pages(items, 5)
+
+    def outcome(pages: list[paging.Page]) -> paging.SnapshotOutcome:
+        tracker = paging.SnapshotTracker(tenant=TENANT, limit=5, max_total=10**7)
+        tracker.start(pages[0])
+        for page in reversed(pages[1:]):
+            tracker.record(page)
+        return tracker.outcome()
+
+    key = outcome(pages).key()
+    assert key is not None and (key.total, key.page_size) == (23, 5)
+    assert key.digests == b"".join(page.digest for page in pages)
+    assert all(key.matches(page) for page in pages)
+    assert outcome(_pages(items, 5)).key() == key  # the same items: the same key
+
+    changed = [*items[:12], _items(1, seed=7)[0], *items[13:]]
+    other = _pages(changed, 5)
+    assert outcome(other).key() != key
+    assert [key.matches(page) for page in other] == [page.offset not in (8, 12) for page in other]
+    assert outcome(pages[:-1]).key() is None  # incomplete: no key
