@@ -16,6 +16,7 @@ a pair present throughout is never missed without a reported drift.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import re
 from collections.abc import Callable
@@ -299,17 +300,20 @@ def _page(
     *,
     has_paging_info: bool = True,
 ) -> Page:
-    digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    # SHA-256 (truncated): hardware-accelerated on current CPUs, twice BLAKE2b's speed here.
+    digest = hashlib.sha256()
     if collection.kind is collections.Kind.LINKS:
         block = _pair_block(data, problem)
         digest.update(block.jobs)
         digest.update(block.uniques)
         digest.update(block.links)
-        return Page(offset, total, block, has_paging_info, digest=digest.digest())
+        return Page(offset, total, block, has_paging_info, digest=digest.digest()[:DIGEST_BYTES])
     records = _records(data, collection, problem)
     for record in records:
         digest.update(f"{record.uid}\x1f{record.attributes}\x1f{record.volatile}\x1e".encode())
-    return Page(offset, total, EMPTY_BLOCK, has_paging_info, records, digest.digest())
+    return Page(
+        offset, total, EMPTY_BLOCK, has_paging_info, records, digest.digest()[:DIGEST_BYTES]
+    )
 
 
 class SnapshotTracker:
@@ -488,24 +492,25 @@ def _packed_uuids(joined: str, count: int) -> bytes | None:
     """The 16-byte forms of `joined`, `count` 36-character UUIDs (either case) separated by
     newlines; None unless it is exactly that.
 
-    Sound because: the length fixes 37 characters per value; hyphens and newlines sit at
-    their fixed positions and there are no other hyphens (the count matches); and once the
-    hyphens are gone, `bytes.fromhex` turns pairs of hex digits into bytes and skips only
-    whitespace, so `16 * count` bytes out of the remaining `32 * count` non-newline
-    characters means every one of them is a hex digit.
+    Sound because: the length fixes 37 characters per value, and hyphens and newlines sit
+    at their fixed positions (5 * count - 1 of them); deleting every hyphen and newline
+    then leaves exactly 32 * count bytes only if there are no others (a non-ASCII
+    character would add bytes), and `unhexlify` accepts those only if all are hex digits.
     """
     stride = _UUID_LEN + 1
     if len(joined) != stride * count - 1:
         return None
     if any(joined[position::stride] != "-" * count for position in _HYPHENS):
         return None
-    if joined[_UUID_LEN::stride] != "\n" * (count - 1) or joined.count("-") != 4 * count:
+    if joined[_UUID_LEN::stride] != "\n" * (count - 1):
+        return None
+    digits = joined.encode().translate(None, b"-\n")
+    if len(digits) != 2 * UUID_BYTES * count:
         return None
     try:
-        packed = bytes.fromhex(joined.replace("-", ""))
-    except ValueError:
+        return binascii.unhexlify(digits)
+    except binascii.Error:
         return None
-    return packed if len(packed) == UUID_BYTES * count else None
 
 
 def _first_bad_item(data: list[object], problem: _ProblemFactory) -> errors.PageProblem:

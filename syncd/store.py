@@ -71,6 +71,8 @@ class Run:
     unavailable_before: tuple[str, ...] = ()
     # Each collection's confirmed snapshot, by name, as the run started.
     confirmed: Mapping[str, ConfirmedSnapshot] = field(default_factory=dict)
+    # Runs of the tenant left `running` by a stopped process, closed as this one started.
+    abandoned: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,55 +109,73 @@ async def ensure_tenant(connection: AsyncConnection, name: str) -> int:
     return tenant_id
 
 
-async def try_lock(connection: AsyncConnection, tenant_id: int) -> bool:
-    """Takes the tenant's session-level advisory lock; False if another process holds it."""
-    locked: bool = await _scalar(
-        connection,
-        "SELECT pg_try_advisory_lock(:namespace, :tenant_id)",
-        namespace=LOCK_NAMESPACE,
-        tenant_id=tenant_id,
-    )
-    return locked
+_LOCK = "SELECT id, pg_try_advisory_lock($1, id) FROM syncd.tenants WHERE name = $2"
+
+
+async def lock_tenant(connection: AsyncConnection, name: str) -> tuple[int, bool]:
+    """The tenant's id (its row created on first sight) and whether its session-level
+    advisory lock was taken (False: another process holds it).
+
+    Outside any transaction, on the driver's connection: a session lock needs none, and
+    a run's first round trip is then just this one statement.
+    """
+    driver = await _driver(connection)
+    row = await driver.fetchrow(_LOCK, LOCK_NAMESPACE, name)
+    if row is None:
+        await driver.execute(
+            "INSERT INTO syncd.tenants (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", name
+        )
+        row = await driver.fetchrow(_LOCK, LOCK_NAMESPACE, name)
+    return int(row[0]), bool(row[1])
 
 
 async def unlock(connection: AsyncConnection, tenant_id: int) -> None:
-    """Releases the advisory lock (closing the connection would release it too)."""
-    await connection.execute(
-        sa.text("SELECT pg_advisory_unlock(:namespace, :tenant_id)"),
-        {"namespace": LOCK_NAMESPACE, "tenant_id": tenant_id},
-    )
+    """Releases the advisory lock (closing the connection would release it too); outside
+    any transaction, after the run's last commit."""
+    driver = await _driver(connection)
+    await driver.execute("SELECT pg_advisory_unlock($1, $2)", LOCK_NAMESPACE, tenant_id)
 
 
-async def close_abandoned_runs(connection: AsyncConnection, tenant_id: int) -> int:
-    """Marks `failed` the runs left `running` by a process that died (the caller holds the
-    tenant's lock, so none of them is alive)."""
-    result = await connection.execute(
-        sa.text(
-            "UPDATE syncd.runs SET status = :failed, finished_at = now(), "
-            "error = 'abandoned: the process running it stopped before it finished' "
-            "WHERE tenant_id = :tenant_id AND status = :running"
-        ),
-        {"tenant_id": tenant_id, "failed": RunStatus.FAILED, "running": RunStatus.RUNNING},
-    )
-    return result.rowcount
+async def _driver(connection: AsyncConnection) -> Any:
+    """The asyncpg connection under `connection` (for COPY and statements outside
+    transactions)."""
+    raw = await connection.get_raw_connection()
+    return raw.driver_connection
 
 
 async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, replica: str) -> Run:
     """Records a new `running` run of `replica` (this process's `[daemon] replica_name`),
-    and reads what the tenant's last run found unavailable."""
+    marks `failed` the runs of the tenant left `running` by a process that died (the caller
+    holds the tenant's lock, so none of them is alive), and reads what the run needs to
+    know of the tenant's past: one statement."""
     row = (
         await connection.execute(
             sa.text(
-                "INSERT INTO syncd.runs (tenant_id, started_at, status, host, pid, replica) "
-                "VALUES (:tenant_id, now(), :running, :host, :pid, :replica) "
-                "RETURNING id, started_at, "
-                "(SELECT unavailable_collections FROM syncd.tenants WHERE id = :tenant_id), "
-                "(SELECT array_agg(ROW(collection, total, page_size, items, digests)) "
-                "FROM syncd.confirmed_snapshots WHERE tenant_id = :tenant_id)"
+                """
+                WITH abandoned AS (
+                    UPDATE syncd.runs SET status = :failed, finished_at = now(),
+                           error = 'abandoned: the process running it stopped before it '
+                                   'finished'
+                     WHERE tenant_id = :tenant_id AND status = :running
+                    RETURNING 1
+                ), run AS (
+                    INSERT INTO syncd.runs (tenant_id, started_at, status, host, pid, replica)
+                    VALUES (:tenant_id, now(), :running, :host, :pid, :replica)
+                    RETURNING id, started_at
+                )
+                SELECT run.id, run.started_at,
+                       (SELECT unavailable_collections FROM syncd.tenants
+                         WHERE id = :tenant_id),
+                       (SELECT array_agg(ROW(collection, total, page_size, items, digests))
+                          FROM syncd.confirmed_snapshots WHERE tenant_id = :tenant_id),
+                       (SELECT count(*) FROM abandoned)
+                  FROM run
+                """
             ),
             {
                 "tenant_id": tenant_id,
                 "running": RunStatus.RUNNING,
+                "failed": RunStatus.FAILED,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "replica": replica,
@@ -172,6 +192,7 @@ async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, re
             name: ConfirmedSnapshot(SnapshotKey(total, page_size, bytes(digests)), items)
             for name, total, page_size, items, digests in row[3] or ()
         },
+        abandoned=int(row[4]),
     )
 
 
@@ -245,8 +266,7 @@ async def copy_pairs(
     async def source() -> AsyncIterator[bytes]:
         yield data
 
-    raw = await connection.get_raw_connection()
-    driver: Any = raw.driver_connection
+    driver = await _driver(connection)
     await driver.copy_to_table(
         PAIR_STAGING[copy_mode],
         source=source(),
@@ -259,8 +279,7 @@ async def copy_records(
     connection: AsyncConnection, collection: str, records: Sequence[Record]
 ) -> None:
     """Appends catalog `records` of `collection` to the catalog staging table (binary COPY)."""
-    raw = await connection.get_raw_connection()
-    driver: Any = raw.driver_connection
+    driver = await _driver(connection)
     await driver.copy_records_to_table(
         CATALOG_STAGING,
         records=[(collection, r.uid, r.attributes, r.volatile) for r in records],
@@ -581,19 +600,29 @@ async def finish_run(
     connection: AsyncConnection, run: Run, totals: RunTotals, *, reset_baseline: bool = False
 ) -> None:
     """Closes the run and updates the tenant's bookkeeping, in the caller's transaction (so
-    data and run status commit together): two row updates, whatever the collection count.
+    data and run status commit together): two row updates in one statement, whatever the
+    collection count.
     `reset_baseline` starts the mass-delete guard's baseline afresh at this run."""
     await connection.execute(
         sa.text(
             """
-            UPDATE syncd.tenants
-               SET current_pairs = coalesce(:current_pairs, current_pairs),
-                   confirmed_run_id = CASE WHEN :confirmed THEN :run_id ELSE confirmed_run_id END,
-                   confirmed_at = CASE WHEN :confirmed THEN :started_at ELSE confirmed_at END,
-                   delete_baseline_since = CASE WHEN :reset_baseline THEN :started_at
-                                                ELSE delete_baseline_since END,
-                   unavailable_collections = CAST(:unavailable AS text[])
-             WHERE id = :tenant_id
+            WITH tenant AS (
+                UPDATE syncd.tenants
+                   SET current_pairs = coalesce(:current_pairs, current_pairs),
+                       confirmed_run_id = CASE WHEN :confirmed THEN :run_id
+                                               ELSE confirmed_run_id END,
+                       confirmed_at = CASE WHEN :confirmed THEN :started_at
+                                           ELSE confirmed_at END,
+                       delete_baseline_since = CASE WHEN :reset_baseline THEN :started_at
+                                                    ELSE delete_baseline_since END,
+                       unavailable_collections = CAST(:unavailable AS text[])
+                 WHERE id = :tenant_id
+            )
+            UPDATE syncd.runs
+               SET status = :status, finished_at = now(), pages_fetched = :pages_fetched,
+                   pairs_seen = :pairs_seen, pairs_added = :added, pairs_removed = :removed,
+                   error = :error, collections = CAST(:collections AS jsonb)
+             WHERE id = :run_id
             """
         ),
         {
@@ -604,17 +633,6 @@ async def finish_run(
             "started_at": run.started_at,
             "tenant_id": run.tenant_id,
             "unavailable": list(totals.unavailable),
-        },
-    )
-    await connection.execute(
-        sa.text(
-            "UPDATE syncd.runs SET status = :status, finished_at = now(), "
-            "pages_fetched = :pages_fetched, pairs_seen = :pairs_seen, "
-            "pairs_added = :added, pairs_removed = :removed, error = :error, "
-            "collections = CAST(:collections AS jsonb) "
-            "WHERE id = :run_id"
-        ),
-        {
             "status": totals.status,
             "pages_fetched": totals.pages_fetched,
             "pairs_seen": totals.pairs_seen,
@@ -622,7 +640,6 @@ async def finish_run(
             "removed": totals.removed,
             "error": totals.error,
             "collections": orjson.dumps(totals.collections).decode(),
-            "run_id": run.id,
         },
     )
 

@@ -365,23 +365,20 @@ async def _run_lifecycle(
         connection = await engine.connect()
     try:
         with db.database_errors("cannot take the tenant's lock"):
-            tenant_id = await store.ensure_tenant(connection, tenant.name)
-            locked = await store.try_lock(connection, tenant_id)
-            await connection.commit()
+            tenant_id, locked = await store.lock_tenant(connection, tenant.name)
         if not locked:
             yield None
             return
         stager: _Stager | None = None
         try:
             with db.database_errors("cannot record the run"):
-                abandoned = await store.close_abandoned_runs(connection, tenant_id)
                 run = await store.start_run(connection, tenant_id, tenant.name, replica)
                 await connection.commit()
-            if abandoned:
+            if run.abandoned:
                 log.warning(
                     "closed runs left running by a stopped process",
                     tenant=tenant.name,
-                    count=abandoned,
+                    count=run.abandoned,
                 )
             stager = _Stager(connection, tenant.name, progress, run.confirmed)
             try:
@@ -399,12 +396,19 @@ async def _run_lifecycle(
                 await _record_failure(engine, connection, run.id, failure.message, stager.pages)
                 raise _RunFailed(failure, run.id, stager.pages) from exc
         finally:
+            released = False
             with contextlib.suppress(Exception):
                 await connection.rollback()
                 if stager is not None and stager.staged:
                     await store.clear_staging(connection)
+                    await connection.commit()
                 await store.unlock(connection, tenant_id)
-                await connection.commit()
+                released = True
+            if not released:
+                # Back in the pool, the connection would keep the tenant locked: end its
+                # session instead, which releases the lock.
+                with contextlib.suppress(Exception):
+                    await connection.invalidate()
     finally:
         with contextlib.suppress(Exception):
             await connection.close()

@@ -7,8 +7,11 @@ behind syncd's back survives a run that skipped, and is repaired by one that dif
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import simulator as sim
@@ -190,3 +193,37 @@ async def test_catalog_collections_skip_alike_and_a_volatile_change_is_applied(
     after = await confirmed(engine)
     assert after["jobs"][2] == refreshed.run_id
     assert after["organizations"] == every["organizations"]
+
+
+async def test_a_noop_run_is_two_statements_in_two_transactions(
+    sim_state: sim.SimulatorState, simulator: str, sync_engine: AsyncEngine
+) -> None:
+    assert (await run(sim_state, simulator, sync_engine)).status == "succeeded"
+    seen: list[str] = []
+
+    def statement(*args: object) -> None:
+        seen.append(" ".join(str(args[2]).split())[:30])
+
+    def transaction(name: str) -> Callable[..., None]:
+        return lambda *args: seen.append(name)
+
+    events = [("before_cursor_execute", statement)]
+    events += [(name, transaction(name)) for name in ("begin", "commit", "savepoint")]
+    for name, listener in events:
+        event.listen(sync_engine.sync_engine, name, listener)
+    try:
+        noop = await run(sim_state, simulator, sync_engine)
+    finally:
+        for name, listener in events:
+            event.remove(sync_engine.sync_engine, name, listener)
+    assert noop.status == "succeeded" and (noop.added, noop.removed) == (0, 0)
+    # Start the run (closing abandoned ones), finish it; the tenant's lock is taken and
+    # released on the driver's connection, outside transactions.
+    assert seen == [
+        "begin",
+        "WITH abandoned AS ( UPDATE syn",
+        "commit",
+        "begin",
+        "WITH tenant AS ( UPDATE syncd.",
+        "commit",
+    ]

@@ -115,7 +115,7 @@ async def test_connection_killed_inside_the_apply_transaction(
     async with _holding(engine, lock):
         task = asyncio.create_task(_sync(sim_state, simulator, sync_engine))
         pid = await wait_for(
-            lambda: _blocked_backend(engine, "UPDATE syncd.tenants"),
+            lambda: _blocked_backend(engine, "WITH tenant AS"),
             what="the run to reach its last apply statement",
         )
         # The link writes are done but not committed: nobody else sees them.
@@ -203,7 +203,7 @@ async def test_the_statement_timeout_reaches_every_connection(db_url: str) -> No
 @pytest.mark.parametrize(
     "lock",
     [
-        "LOCK TABLE syncd.tenants IN SHARE MODE",  # the tenant's row is upserted first
+        "LOCK TABLE syncd.tenants IN ACCESS EXCLUSIVE MODE",  # the tenant is looked up first
         "LOCK TABLE syncd.runs IN SHARE MODE",  # then abandoned runs are closed
     ],
 )

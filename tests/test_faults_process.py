@@ -149,7 +149,7 @@ async def test_sigkill_while_applying(
                     "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
                     "AND wait_event_type = 'Lock' AND application_name = 'syncd'",
                 )
-                return any(row[0].lstrip().startswith("UPDATE syncd.tenants") for row in rows)
+                return any(row[0].lstrip().startswith("WITH tenant AS") for row in rows)
 
             await wait_for(applying, timeout_s=20, what="the run to wait inside its apply")
             killed_run = int((await _running_runs(engine))[0][0])
