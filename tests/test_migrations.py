@@ -143,3 +143,21 @@ async def test_schema_state_reads_several_version_rows_as_not_at_head(empty_db_u
             )
         state = await db.schema_state(engine)
         assert not state.at_head and state.current == f"0001,{db.HEAD_REVISION}"
+
+
+def test_the_schema_check_runs_without_alembic(db_url: str) -> None:
+    """`syncd sync`'s start-up: checking the schema must not import Alembic (a third of it)."""
+    code = (
+        "import asyncio, sys\n"
+        "from syncd import db\n"
+        "async def check(url):\n"
+        "    async with db.open_engine(url, pool_size=1) as engine:\n"
+        "        await db.require_schema_at_head(engine)\n"
+        f"asyncio.run(check({db_url!r}))\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
