@@ -305,12 +305,13 @@ async def test_mass_delete_guard_exit_code_and_override(
 def test_the_event_loop_is_uvloop_when_installed_else_asyncio(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    uvloop = pytest.importorskip("uvloop")
+    with monkeypatch.context() as hidden:
+        hidden.setitem(sys.modules, "uvloop", None)  # what an install without it looks like
+        assert cli.event_loop_factory() is None
+        with asyncio.Runner(loop_factory=cli.event_loop_factory()) as runner:
+            assert type(runner.get_loop()).__module__.startswith("asyncio")
+    uvloop = pytest.importorskip("uvloop")  # the speed extra
     assert cli.event_loop_factory() is uvloop.new_event_loop
-    monkeypatch.setitem(sys.modules, "uvloop", None)  # what an install without it looks like
-    assert cli.event_loop_factory() is None
-    with asyncio.Runner(loop_factory=cli.event_loop_factory()) as runner:
-        assert type(runner.get_loop()).__module__.startswith("asyncio")
 
 
 async def test_sync_runs_without_uvloop(
