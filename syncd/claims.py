@@ -25,13 +25,16 @@ import enum
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import structlog
-from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import config, db, store
 from syncd.models import RunStatus
+
+if TYPE_CHECKING:
+    from apscheduler.triggers.cron import CronTrigger
 
 log = structlog.get_logger(__name__)
 
@@ -116,6 +119,8 @@ def ended(status: RunStatus, *, database_failure: bool, interrupted: bool = Fals
 
 def cron_trigger(settings: config.SyncSettings, *, jitter_s: float | None = None) -> CronTrigger:
     """The tenant's crontab as a trigger, in the host's local time zone (as crontab reads it)."""
+    from apscheduler.triggers.cron import CronTrigger  # the daemon's, or a cron tenant's
+
     assert settings.cron is not None
     minute, hour, day, month, day_of_week = settings.cron.split()
     return CronTrigger(

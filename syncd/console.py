@@ -8,23 +8,19 @@ error message `[/]` prints as itself instead of crashing the command.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import claims, config, errors, logs, sync
 from syncd.models import RunStatus
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 
 def make_console() -> Console:
@@ -99,6 +95,15 @@ async def sync_with_progress(
             scrubber=scrubber,
             replica=replica,
         )
+    # Only a terminal shows progress bars: a cron job's output does not pay for them.
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

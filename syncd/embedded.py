@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import platformdirs
 import structlog
 
 from syncd import config, errors
@@ -26,6 +25,8 @@ log = structlog.get_logger(__name__)
 
 def default_data_dir() -> Path:
     """Where the embedded database keeps its files when no `--data-dir` is given."""
+    import platformdirs  # only without database.url: a configured server needs no data dir
+
     return platformdirs.user_data_path("syncd") / "postgres"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import random
 import ssl
@@ -40,6 +41,7 @@ DEFAULT_TOKEN_LIFETIME_S = 3600.0  # VSPC's default, for a token answer without 
 _MFA_HINTS = ("multi-factor", "multifactor", "mfa", "two-factor", "2fa")
 
 _log = structlog.get_logger(__name__)
+_stdlib_log = logging.getLogger(__name__)  # the logger `_log`'s lines go to
 
 T = TypeVar("T")
 
@@ -149,6 +151,11 @@ class VspcClient:
         self._observer: RequestObserver = observer or _NoObserver()
         self._root = URL(tenant.url.rstrip("/"))
         self._log = _log.bind(tenant=tenant.name)
+        self._headers = {
+            "Accept": "application/json",
+            "User-Agent": f"syncd/{syncd.__version__}",
+            "X-Client-Version": self._settings.client_version,
+        }
         self._rng = random.Random()  # noqa: S311 - backoff jitter, not cryptography
         self._auth: _ApiKey | _PasswordSession
         if isinstance(tenant.auth, config.ApiKeyAuth):
@@ -422,20 +429,22 @@ class VspcClient:
     ) -> _Answer:
         """Sends one request and reads the whole answer; translates transport errors."""
         request_id = str(uuid.uuid4())
-        headers = {
-            "Accept": "application/json",
-            "User-Agent": f"syncd/{syncd.__version__}",
-            "X-Client-Version": self._settings.client_version,
-            "X-Request-id": request_id,
-        }
+        headers = {**self._headers, "X-Request-id": request_id}
         credential = None
         if authorize:
             credential = await self._auth.bearer()
             headers["Authorization"] = f"Bearer {credential}"
-        log = self._log.bind(request_id=request_id)
-        log.debug("vspc request", method=method, url=str(url.update_query(params or {})))
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        # The hot path: a page's request builds no log line (nor binds a logger) unless
+        # debug logging is on, which the level check answers from the stdlib's cache.
+        debug = _stdlib_log.isEnabledFor(logging.DEBUG)
+        if debug:
+            self._log.debug(
+                "vspc request",
+                request_id=request_id,
+                method=method,
+                url=str(url.update_query(params or {})),
+            )
+            started = asyncio.get_running_loop().time()
         try:
             async with self._session.request(
                 method, url, params=params, data=form, headers=headers, allow_redirects=False
@@ -474,12 +483,14 @@ class VspcClient:
                 f"{where}: connection to {self._root.origin()} failed: {type(exc).__name__}: {exc}",
                 reason="connection_error",
             ) from exc
-        log.debug(
-            "vspc answer",
-            status=status,
-            elapsed_ms=round((loop.time() - started) * 1000, 1),
-            size=len(body),
-        )
+        if debug:
+            self._log.debug(
+                "vspc answer",
+                request_id=request_id,
+                status=status,
+                elapsed_ms=round((asyncio.get_running_loop().time() - started) * 1000, 1),
+                size=len(body),
+            )
         self._observer.request_done(self._tenant.name, str(status))
         return _Answer(status, response_headers, body, credential)
 

@@ -8,9 +8,29 @@ left out: they name types for mypy and never run.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "syncd"
+
+# What each command must not import (start-up time): `--version` and `--help` import only
+# the CLI; `sync`, `check`, `status` never the daemon's stack, Alembic or the simulator.
+NOT_FOR_THE_CLI = ("asyncio", "aiohttp", "sqlalchemy", "pydantic", "structlog", "rich", "syncd.ops")
+NOT_FOR_ONE_SHOT_COMMANDS = (
+    "alembic",
+    "apscheduler",
+    "prometheus_client",
+    "aiohttp.web",
+    "rich.progress",
+    "platformdirs",
+    "syncd.daemon",
+    "syncd.scheduler",
+    "syncd.web",
+    "syncd.metrics",
+    "syncd.simulator",
+    "syncd.demo",
+)
 
 
 def _module_name(path: Path) -> str:
@@ -76,3 +96,29 @@ def test_no_import_circle_among_syncd_modules() -> None:
 
 def test_the_checker_finds_a_circle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def _imported_by(*modules: str, among: tuple[str, ...]) -> list[str]:
+    """Which of `among` a fresh interpreter holds after importing `modules`."""
+    code = (
+        f"import sys, {', '.join(modules)}\n"
+        f"print(' '.join(m for m in {among!r} if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    return result.stdout.split()
+
+
+def test_the_cli_alone_imports_no_command_stack() -> None:
+    assert _imported_by("syncd.cli", among=NOT_FOR_THE_CLI) == []
+
+
+def test_one_shot_commands_import_neither_alembic_nor_the_daemon() -> None:
+    # What `syncd sync` (and check, status, grant-reader) loads: the CLI, logging and the
+    # config, then syncd.ops; the schema check compares with db.HEAD_REVISION instead of
+    # reading Alembic's scripts.
+    loaded = _imported_by(
+        "syncd.cli", "syncd.logs", "syncd.config", "syncd.ops", among=NOT_FOR_ONE_SHOT_COMMANDS
+    )
+    assert loaded == [], f"imported by syncd.ops: {loaded}; import them where they are used"

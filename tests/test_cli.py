@@ -9,15 +9,18 @@ few representative mistakes go through the whole CLI.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import db
+from syncd import cli, db
 from syncd import simulator as sim
 from tests.fixtures.fault_helpers import (
+    REPO_ROOT,
     CliResult,
     assert_history_sound,
     run_cli,
@@ -297,3 +300,35 @@ async def test_mass_delete_guard_exit_code_and_override(
     allowed = await _sync(path, "--tenant", "tenant-1", "--allow-mass-delete")
     assert allowed.code == 0, allowed.output
     assert await current_pairs(engine, "tenant-1") == expected_pairs(tenant)
+
+
+def test_the_event_loop_is_uvloop_when_installed_else_asyncio(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with monkeypatch.context() as hidden:
+        hidden.setitem(sys.modules, "uvloop", None)  # what an install without it looks like
+        assert cli.event_loop_factory() is None
+        with asyncio.Runner(loop_factory=cli.event_loop_factory()) as runner:
+            assert type(runner.get_loop()).__module__.startswith("asyncio")
+    uvloop = pytest.importorskip("uvloop")  # the speed extra
+    assert cli.event_loop_factory() is uvloop.new_event_loop
+
+
+async def test_sync_runs_without_uvloop(
+    sim_state: sim.SimulatorState, simulator: str, db_url: str, tmp_path: Path
+) -> None:
+    # uvloop is an optional extra (and a dev dependency): hide it, as a plain install has it.
+    hidden = tmp_path / "no-uvloop" / "uvloop"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('uvloop is not installed')\n")
+    path = write_config(
+        tmp_path, db_url, [tenant_block(t, simulator) for t in sim_state.tenants.values()]
+    )
+    result = await run_cli(
+        "--config",
+        str(path),
+        "sync",
+        env={"PYTHONPATH": os.pathsep.join([str(hidden.parent), str(REPO_ROOT)])},
+    )
+    assert result.code == 0, result.output
+    assert all("succeeded" in _row(result, name) for name in sim_state.tenants)

@@ -118,3 +118,46 @@ async def test_replicas_append_to_sync_runs_and_keep_its_readers(empty_db_url: s
             async with engine.begin() as connection:
                 await connection.execute(sa.text(f"DROP OWNED BY {role}"))
                 await connection.execute(sa.text(f"DROP ROLE {role}"))
+
+
+def test_head_revision_constant_is_the_scripts_head() -> None:
+    """`db.HEAD_REVISION` spares the schema check an Alembic import; it must never drift."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(db.alembic_config())
+    heads = scripts.get_heads()
+    assert len(heads) == 1, f"the migration scripts have several heads: {heads}; merge them"
+    head = heads[0]
+    assert head == db.HEAD_REVISION, (
+        f"a migration was added: set HEAD_REVISION = {head!r} in syncd/db.py (it says "
+        f"{db.HEAD_REVISION!r}), the revision of the newest script in migrations/versions"
+    )
+
+
+async def test_schema_state_reads_several_version_rows_as_not_at_head(empty_db_url: str) -> None:
+    async with db.open_engine(empty_db_url, pool_size=1) as engine:
+        await db.migrate(engine)
+        async with engine.begin() as connection:
+            await connection.execute(
+                sa.text("INSERT INTO syncd.alembic_version (version_num) VALUES ('0001')")
+            )
+        state = await db.schema_state(engine)
+        assert not state.at_head and state.current == f"0001,{db.HEAD_REVISION}"
+
+
+def test_the_schema_check_runs_without_alembic(db_url: str) -> None:
+    """`syncd sync`'s start-up: checking the schema must not import Alembic (a third of it)."""
+    code = (
+        "import asyncio, sys\n"
+        "from syncd import db\n"
+        "async def check(url):\n"
+        "    async with db.open_engine(url, pool_size=1) as engine:\n"
+        "        await db.require_schema_at_head(engine)\n"
+        f"asyncio.run(check({db_url!r}))\n"
+        "print('alembic' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
