@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import sqlalchemy as sa
@@ -370,7 +371,7 @@ def _when(value: datetime | None) -> str:
 def status_table(statuses: Sequence[status.TenantStatus]) -> Table:
     """The table `syncd status` prints."""
     table = Table(title="syncd status")
-    for column in ("tenant", "last run", "status", "last success", "age", "pairs"):
+    for column in ("tenant", "last run", "status", "last success", "age", "pairs", "collections"):
         table.add_column(column)
     for row in statuses:
         name = escape(row.tenant)
@@ -386,8 +387,25 @@ def status_table(statuses: Sequence[status.TenantStatus]) -> Table:
             _when(row.last_success_at),
             format_age(row.age_s),
             "" if row.pairs is None else str(row.pairs),
+            _collections_cell(row.collections),
         )
     return table
+
+
+def _collections_cell(outcomes: Mapping[str, Mapping[str, Any]] | None) -> str:
+    """The last run's collections that did not succeed, with their status; or, when all
+    ended alike, how many and how."""
+    if not outcomes:
+        return ""
+    statuses = {str(outcome.get("status")) for outcome in outcomes.values()}
+    if len(statuses) == 1:
+        return f"all {len(outcomes)} {escape(statuses.pop())}"
+    odd = [
+        f"{escape(name)}: {escape(str(outcome.get('status')))}"
+        for name, outcome in outcomes.items()
+        if outcome.get("status") != "succeeded"
+    ]
+    return ", ".join(odd)
 
 
 async def cmd_status(

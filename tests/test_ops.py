@@ -304,9 +304,12 @@ async def test_status_table_and_json(
     code = await ops.cmd_status(status_args(as_json=False), cfg, logs.SecretScrubber())
     rows = table_rows(capsys.readouterr().out)
     assert code == errors.EXIT_FAILED
-    assert rows["tenant-1"][1:2] == ["succeeded"] and rows["tenant-1"][-1] == "300"
+    assert rows["tenant-1"][1:2] == ["succeeded"] and rows["tenant-1"][-2:] == [
+        "300", "all 5 succeeded"
+    ]  # fmt: skip
     assert rows["tenant-1"][3].endswith("s")  # age, e.g. "1s"
     assert rows["tenant-3"][1] == "failed" and rows["tenant-3"][2] == ""
+    assert rows["tenant-3"][-1] == "all 5 failed"
     assert rows["newcomer"][1] == "never synced"
     assert rows["tenant-2 (not in config)"][1] == "succeeded"
 
