@@ -1,7 +1,9 @@
-"""The benchmark script runs end to end at a tiny size and reports every phase and figure."""
+"""The benchmark script runs end to end at a tiny size and reports every phase and figure;
+its limit is written without syncd."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import subprocess
@@ -11,6 +13,9 @@ from pathlib import Path
 import asyncpg
 import orjson
 import pytest
+
+from benchmarks import limit
+from syncd import collections, paging
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("parse", "fetch", "fetch_copy", "initial", "noop", "churn")
@@ -28,6 +33,31 @@ FIGURES = (
     "wal_bytes",
     "runs",
 )
+
+
+def test_the_limit_imports_nothing_of_syncd_or_the_benchmarks() -> None:
+    tree = ast.parse(Path(limit.__file__).read_text(encoding="utf-8"))
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "a relative import would reach the benchmarks package"
+            imported.add(node.module or "")
+    tops = {name.partition(".")[0] for name in imported}
+    assert tops <= {*sys.stdlib_module_names, "aiohttp", "asyncpg", "orjson"}, tops
+
+
+def test_the_limit_asks_for_the_pages_syncd_asks_for() -> None:
+    # Written independently, but the same requests: else the simulator's cache would
+    # favour one of them.
+    assert collections.BACKUP_COPY_JOB_OBJECTS.path == limit.JOB_OBJECTS_PATH
+    assert orjson.loads(limit.SORT) == orjson.loads(paging.SORT_PARAM)
+    for total in (0, 1, 499, 500, 501, 998, 999, 1000, 10_000, 12_345):
+        for page_size in (2, 3, 100, 500):
+            assert limit.later_offsets(total, page_size) == list(
+                paging.plan_offsets(total, page_size)
+            ), (total, page_size)
 
 
 @pytest.mark.slow
