@@ -18,13 +18,27 @@ from benchmarks import limit
 from syncd import collections, paging
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ("parse", "fetch", "fetch_copy", "initial", "noop", "churn")
+PHASES = (
+    "limit_fetch",
+    "limit_fetch_copy",
+    "parse",
+    "fetch",
+    "fetch_copy",
+    "initial",
+    "noop",
+    "churn",
+    "initial_in_process",
+    "noop_in_process",
+    "churn_in_process",
+)
+PROCESS_PHASES = ("limit_fetch", "limit_fetch_copy", "initial", "noop", "churn")
 FIGURES = (
     "seconds",
+    "scope",
     "pairs",
     "pairs_per_s",
-    "ratio_to_fetch_copy",
-    "syncd_cpu_s",
+    "ratio_to_limit",
+    "client_cpu_s",
     "pg_cpu_s",
     "simulator_cpu_s",
     "baseline_rss_mb",
@@ -72,13 +86,14 @@ def test_benchmark_reports_every_phase_and_figure(pg_server_url: str, tmp_path: 
             "--pairs-per-tenant=200",
             "--repeat=1",
             "--bloat-rounds=1",
+            "--in-process-syncs",
             f"--json={out}",
         ],
         env={**os.environ, "SYNCD_BENCH_DATABASE_URL": pg_server_url},
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=280,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -95,19 +110,35 @@ def test_benchmark_reports_every_phase_and_figure(pg_server_url: str, tmp_path: 
         assert set(figures["rows_written"]) == {"links", "catalog_items", "runs", "tenants"}
         assert len(figures["runs"]) == 1
     assert report["phases"]["parse"]["parse_cpu_s"] >= 0
-    initial, noop, churn = (report["phases"][p] for p in ("initial", "noop", "churn"))
-    # The exact copy's write pattern: everything once, then nothing, then only the changes.
-    assert initial["rows_written"]["links"] == initial["added"] == 400
-    assert noop["rows_written"]["links"] == noop["added"] == noop["removed"] == 0
-    assert churn["added"] == churn["removed"] == 4
-    assert churn["rows_written"]["links"] == 8
-    assert {target["target"] for target in report["targets"]} >= {
-        "initial / fetch_copy",
-        "noop / fetch_copy",
-        "churn / fetch_copy",
-        "noop WAL",
-        "peak RSS of syncd (sync phases)",
-    }
+    for phase in PROCESS_PHASES:
+        figures = report["phases"][phase]
+        assert figures["scope"] == "process"
+        assert figures["first_request_s"] is not None, f"{phase}: no request seen"
+    assert report["phases"]["limit_fetch_copy"]["ratio_to_limit"] == 1
+    assert report["phases"]["limit_fetch_copy"]["copied"] == 400
+    for run in report["phases"]["limit_fetch_copy"]["runs"]:
+        assert run["syncd_modules"] == []
+    assert report["phases"]["fetch"]["ratio_to_limit_fetch"] is not None
+    assert len(report["startup"]["version_runs_s"]) >= 3
+    for prefix in ("", "_in_process"):
+        initial, noop, churn = (report["phases"][p + prefix] for p in ("initial", "noop", "churn"))
+        # The exact copy's write pattern: everything once, then nothing, then only the changes.
+        assert initial["rows_written"]["links"] == initial["added"] == 400
+        assert noop["rows_written"]["links"] == noop["added"] == noop["removed"] == 0
+        assert churn["added"] == churn["removed"] == 4
+        assert churn["rows_written"]["links"] == 8
+    targets = {target["target"]: target for target in report["targets"]}
+    for phase in ("initial", "noop", "churn"):
+        assert f"{_title(phase)} / limit (whole process)" in targets
+    assert {
+        "syncd fetch-only / plain aiohttp fetch",
+        "`syncd --version` wall time",
+        "spawn to first VSPC request (worst sync phase)",
+        "peak RSS of `syncd sync` (worst sync phase)",
+        "no-op WAL",
+    } <= set(targets)
+    for target in targets.values():
+        assert {"limit", "stretch", "value", "unit", "met"} <= set(target)
     bloat = report["bloat"]
     assert bloat["rounds"] == 1
     for state in ("before", "after", "after_vacuum"):
@@ -121,3 +152,7 @@ async def _database_exists(server_url: str, name: str) -> bool:
         return bool(await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
     finally:
         await connection.close()
+
+
+def _title(phase: str) -> str:
+    return {"initial": "initial sync", "noop": "no-op re-sync", "churn": "1% churn re-sync"}[phase]
