@@ -156,3 +156,36 @@ async def _database_exists(server_url: str, name: str) -> bool:
 
 def _title(phase: str) -> str:
     return {"initial": "initial sync", "noop": "no-op re-sync", "churn": "1% churn re-sync"}[phase]
+
+
+@pytest.mark.slow
+def test_the_scaling_study_compares_time_per_link(pg_server_url: str, tmp_path: Path) -> None:
+    # Tiny sizes, only so that --scaling cannot rot; its real sizes take minutes.
+    out = tmp_path / "scaling.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.sync",
+            "--scaling",
+            "--scaling-sizes=2x100,4x50",
+            "--repeat=1",
+            f"--json={out}",
+        ],
+        env={**os.environ, "SYNCD_BENCH_DATABASE_URL": pg_server_url},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "scaling targets" in result.stdout
+
+    scaling = orjson.loads(out.read_bytes())["scaling"]
+    assert [(s["tenants"], s["pairs_per_tenant"]) for s in scaling["sizes"]] == [(2, 100), (4, 50)]
+    for size in scaling["sizes"]:
+        assert size["pairs"] == 200
+        assert set(size["us_per_link"]) == {"limit_fetch_copy", "initial", "noop", "churn"}
+        assert all(value is not None for value in size["per_link_vs_first"].values())
+    assert [target["limit"] for target in scaling["targets"]] == [1.15] * 3
