@@ -114,6 +114,7 @@ def test_benchmark_reports_every_phase_and_figure(pg_server_url: str, tmp_path: 
         figures = report["phases"][phase]
         assert figures["scope"] == "process"
         assert figures["first_request_s"] is not None, f"{phase}: no request seen"
+        assert "pg_database_cpu_s" in figures
     assert report["phases"]["limit_fetch_copy"]["ratio_to_limit"] == 1
     assert report["phases"]["limit_fetch_copy"]["copied"] == 400
     for run in report["phases"]["limit_fetch_copy"]["runs"]:
