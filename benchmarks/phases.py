@@ -8,10 +8,14 @@ Phases:
 - `parse`: fetch every page's raw body with plain aiohttp (no checks), then run
   `paging.parse_page` over the bodies: the client's parse-and-check CPU, alone.
 - `fetch`: syncd's own client (`vspc.open_client` / `fetch_snapshot`) reads every tenant with
-  the configured concurrency and discards the pairs: the fetch-only limit.
+  the configured concurrency and discards the pairs: syncd's fetch-only cost, compared with
+  `benchmarks.limit`'s plain aiohttp fetch of the same pages.
 - `fetch_copy`: the same, plus binary COPY of every pair into an UNLOGGED table without
-  indexes: the fetch+copy limit, the least work any sync could do.
-- `sync`: `sync.sync_tenants` / `sync_tenant`, the real path (initial, no-op or churn re-sync).
+  indexes: what syncd's client adds to the independent limit (`benchmarks.limit`); built
+  from syncd's code, so not itself a limit.
+- `sync`: `sync.sync_tenants` / `sync_tenant`, the real path (initial, no-op or churn re-sync)
+  without the `syncd sync` process around it: for profiles; the headline figures time the
+  whole process.
 
 Around the phase, a probe connection reads PostgreSQL's WAL position, the tables' write
 counters and the CPU time of the server's processes (see `PgProbe`).
@@ -56,13 +60,17 @@ class PhaseSpec:
 
     def syncd_config(self) -> config.Config:
         """The configuration `syncd sync` would load for this benchmark."""
+        return config.validate_config(self.config_data(), environ={})
+
+    def config_data(self) -> dict[str, Any]:
+        """That configuration as the TOML file's data."""
         sync: dict[str, Any] = {
             "page_size": self.page_size,
             "max_concurrent_pages": self.max_concurrent_pages,
         }
         if self.collections is not None:
             sync["collections"] = self.collections
-        data = {
+        return {
             "database": {"url": self.database_url},
             "sync": sync,
             "daemon": {"max_concurrent_tenants": self.max_concurrent_tenants},
@@ -71,7 +79,6 @@ class PhaseSpec:
                 for name, key in self.tenants
             ],
         }
-        return config.validate_config(data, environ={})
 
 
 class PgProbe:

@@ -10,6 +10,12 @@ The parent talks to it through pipes, one JSON object per line:
 - stdin `{"cmd": "churn", "fraction": 0.01}`: every tenant loses and gains `fraction` of its
   pairs (`SimulatorState.churn`), the page cache is warmed again, and the answer is
   `{"removed", "added", "warm_s"}`;
+- stdin `{"cmd": "mark"}`: clears the request log (so it stays small however many phases
+  run) and answers `{"marked_at"}`, this process's `time.monotonic()`;
+- stdin `{"cmd": "first_request"}`: answers `{"first_request_at", "requests"}`, the
+  `time.monotonic()` at which the first request since the mark arrived (None if none did)
+  and how many arrived. On Linux `time.monotonic()` is CLOCK_MONOTONIC, one clock for every
+  process, so the parent can subtract the time it spawned a client;
 - stdin `{"cmd": "quit"}` or end of input: stops.
 
 Warming fetches every page a syncd snapshot will ask for, of every collection, over HTTP
@@ -111,6 +117,17 @@ async def serve(
                     removed, added = removed + gone, added + new
                 warm_s = await warm(url, tenant_data, page_size)
                 _say({"removed": removed, "added": added, "warm_s": warm_s})
+            elif command["cmd"] == "mark":
+                state.reset_observations()
+                _say({"marked_at": time.monotonic()})
+            elif command["cmd"] == "first_request":
+                log = state.request_log
+                _say(
+                    {
+                        "first_request_at": log[0].started_at if log else None,
+                        "requests": len(log),
+                    }
+                )
             else:
                 _say({"error": f"unknown command {command['cmd']!r}"})
 
