@@ -37,7 +37,7 @@ import asyncpg
 import orjson
 import psutil  # type: ignore[import-untyped]
 
-from syncd import config, db, logs, models, paging, simulator, sync, vspc
+from syncd import config, db, logs, models, paging, simulator, store, sync, vspc
 
 COPY_TABLE = "bench_copy"
 SYNCD_TABLES = ("links", "catalog_items", "runs", "tenants")
@@ -186,14 +186,21 @@ async def _fetch_all(
 ) -> dict[str, Any]:
     """Reads every tenant with syncd's client; COPYs the pairs when given a pool."""
     limit = asyncio.Semaphore(spec.max_concurrent_tenants)
-    nil = models.NO_UNIQUE_JOB_UID
 
     async def one(tenant: config.Tenant) -> tuple[int, bool]:
-        buffer: list[paging.Pair] = []
+        buffer: list[paging.PairBlock] = []
 
         async def copy(connection: asyncpg.Connection) -> None:
-            await connection.copy_records_to_table(
-                COPY_TABLE, records=[(job, unique or nil, linked) for job, unique, linked in buffer]
+            data = store.pair_copy_data(buffer)
+
+            async def source() -> AsyncIterator[bytes]:
+                yield data
+
+            await connection.copy_to_table(
+                COPY_TABLE,
+                source=source(),
+                columns=("job_uid", "unique_job_uid", "linked_job_uid"),
+                format="binary",
             )
             buffer.clear()
 
@@ -204,8 +211,8 @@ async def _fetch_all(
 
             async def on_page(page: paging.Page) -> None:
                 if connection is not None:
-                    buffer.extend(page.pairs)
-                    if len(buffer) >= 20_000:
+                    buffer.append(page.block)
+                    if sum(block.count for block in buffer) >= 20_000:
                         await copy(connection)
 
             client = await stack.enter_async_context(vspc.open_client(tenant))
@@ -260,7 +267,7 @@ async def _parse_only(spec: PhaseSpec) -> dict[str, Any]:
         page = paging.parse_page(
             body, tenant=name, offset=offset, limit=spec.page_size, expected_total=total
         )
-        items += len(page.pairs)
+        items += page.count
     parse_cpu_s = time.process_time() - parse_started
     return {
         "pairs": sum(

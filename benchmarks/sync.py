@@ -98,7 +98,7 @@ PHASE_TITLES = {
 @dataclass(frozen=True)
 class Target:
     """One performance target of issue #16: `measured <= limit` is met. `stretch` is the
-    better figure aimed at beyond it, where the issue gives one (fill in from the issue)."""
+    better figure aimed at beyond it, where the issue gives one."""
 
     name: str
     limit: float
@@ -108,14 +108,14 @@ class Target:
 
 # Whole-process phase -> its largest ratio to the limit (limit_fetch_copy, same run).
 RATIO_TARGETS = {
-    "noop": Target("no-op re-sync / limit (whole process)", 1.5, "x"),
-    "churn": Target("1% churn re-sync / limit (whole process)", 2.0, "x"),
-    "initial": Target("initial sync / limit (whole process)", 3.0, "x"),
+    "noop": Target("no-op re-sync / limit (whole process)", 1.5, "x", 1.1),
+    "churn": Target("1% churn re-sync / limit (whole process)", 2.0, "x", 1.5),
+    "initial": Target("initial sync / limit (whole process)", 3.0, "x", 2.0),
 }
-FETCH_TARGET = Target("syncd fetch-only / plain aiohttp fetch", 1.5, "x")
+FETCH_TARGET = Target("syncd fetch-only / plain aiohttp fetch", 1.5, "x", 1.2)
 VERSION_TARGET = Target("`syncd --version` wall time", 0.25, "s")
 FIRST_REQUEST_TARGET = Target("spawn to first VSPC request (worst sync phase)", 0.4, "s")
-PEAK_RSS_TARGET = Target("peak RSS of `syncd sync` (worst sync phase)", 120.0, "MB")
+PEAK_RSS_TARGET = Target("peak RSS of `syncd sync` (worst sync phase)", 120.0, "MB", 100.0)
 # Scaling: the sizes (tenants x pairs per tenant), and how much the time per link of the
 # second and third may exceed the first's: 10M links vs 1M within 15%, 1,000 small tenants
 # vs 100 large ones within 30%. A size that is faster per link meets its target.
