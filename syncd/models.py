@@ -175,12 +175,13 @@ class ConfirmedSnapshotRow(Base):
     A later snapshot with the same key (total, page size, every page's digest) has the same
     items, and the stored data already equals it: the run skips staging and diff for that
     collection. Written in the transaction that applies a complete snapshot with removals;
-    deleted by one that applies any other way; untouched when nothing is applied. Anything
-    else that changes `links` or `catalog_items` (a future migration, a manual edit) must
-    delete the tenant's rows here.
+    deleted by one that applies any other way; untouched when nothing is applied. Triggers
+    (migration 0007) delete every row when `links` or `catalog_items` change outside the
+    apply (which sets `syncd.applying` for its transaction): a hand edit, a migration.
     """
 
     __tablename__ = "confirmed_snapshots"
+    __table_args__ = (CheckConstraint("octet_length(digests) % 16 = 0", name="digests_whole"),)
 
     tenant_id: Mapped[int] = mapped_column(
         ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True

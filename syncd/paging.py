@@ -64,6 +64,8 @@ UUID_BYTES = 16
 NIL_BYTES = bytes(UUID_BYTES)
 _NIL_TEXT = str(UUID(bytes=NIL_BYTES))
 DIGEST_BYTES = 16
+# A record's three string objects and the record itself, beyond their characters.
+_RECORD_OVERHEAD_BYTES = 4 * 56
 _HYPHENS = (8, 13, 18, 23)
 _REQUIRED = ("jobUid", "linkedJobUid")
 _VALUE_PREVIEW = 60
@@ -134,6 +136,14 @@ class Page:
         """The page's pairs as text (slow; see `PairBlock.pairs`)."""
         return self.block.pairs()
 
+    def size_bytes(self) -> int:
+        """About the memory its items hold (packed pairs; catalog records' text)."""
+        packed = 3 * UUID_BYTES * self.block.count
+        return packed + sum(
+            _RECORD_OVERHEAD_BYTES + len(r.uid) + len(r.attributes) + len(r.volatile)
+            for r in self.records
+        )
+
     def edge_keys(self) -> tuple[object, object] | None:
         """Identity of the first and the last item (what overlapping pages compare)."""
         if self.block.count:
@@ -193,7 +203,8 @@ class SnapshotKey:
         if index < 0 or index * stride != page.offset:
             return False
         start = index * DIGEST_BYTES
-        return self.digests[start : start + DIGEST_BYTES] == page.digest
+        stored = self.digests[start : start + DIGEST_BYTES]
+        return len(stored) == DIGEST_BYTES and stored == page.digest
 
 
 def plan_offsets(total: int, page_size: int, *, overlap: bool = True) -> range:
@@ -492,10 +503,12 @@ def _packed_uuids(joined: str, count: int) -> bytes | None:
     """The 16-byte forms of `joined`, `count` 36-character UUIDs (either case) separated by
     newlines; None unless it is exactly that.
 
-    Sound because: the length fixes 37 characters per value, and hyphens and newlines sit
-    at their fixed positions (5 * count - 1 of them); deleting every hyphen and newline
-    then leaves exactly 32 * count bytes only if there are no others (a non-ASCII
-    character would add bytes), and `unhexlify` accepts those only if all are hex digits.
+    Sound because: the length fixes 37 characters per value, so the positions checked for
+    hyphens and newlines are exactly where each value has them; every other position must
+    then be a hex digit, and it is because `unhexlify` accepts only hex digits, in the
+    32 * count bytes left once every hyphen and newline is deleted (a stray hyphen or
+    newline elsewhere, or a non-ASCII character, changes that count or leaves a byte that
+    is not a hex digit).
     """
     stride = _UUID_LEN + 1
     if len(joined) != stride * count - 1:

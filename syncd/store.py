@@ -23,7 +23,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from syncd import collections, db, status
+from syncd import collections, db, errors, status
 from syncd.models import RunStatus
 from syncd.paging import UUID_BYTES, PairBlock, Record, SnapshotKey
 
@@ -46,9 +46,9 @@ _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 _COPY_TRAILER = b"\xff\xff"
 _UUID_FIELD = UUID_BYTES.to_bytes(4, "big") + bytes(UUID_BYTES)
 _PAIR_ROW = (3).to_bytes(2, "big") + _UUID_FIELD * 3
-# Where each field's 16 bytes start within a row: after the field count, then after each
-# 4-byte length and the fields before.
-_PAIR_FIELD_STARTS = (6, 26, 46)
+# Where each field's 16 bytes start within a row: after the 2-byte field count, then after
+# each 4-byte length and the fields before.
+_PAIR_FIELD_STARTS = tuple(2 + 4 * (n + 1) + UUID_BYTES * n for n in range(3))
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,8 @@ async def lock_tenant(connection: AsyncConnection, name: str) -> tuple[int, bool
             "INSERT INTO syncd.tenants (name) VALUES ($1) ON CONFLICT (name) DO NOTHING", name
         )
         row = await driver.fetchrow(_LOCK, LOCK_NAMESPACE, name)
+    if row is None:  # deleted between the insert and the lookup
+        raise errors.DatabaseError(f"tenant {name!r} vanished from syncd.tenants; try again")
     return int(row[0]), bool(row[1])
 
 
@@ -290,16 +292,20 @@ async def copy_records(
 async def prepare_apply(connection: AsyncConnection) -> None:
     """Readies the transaction for the diffs (once, before them and before any savepoint).
 
-    A big tenant's diff costs enough to trigger JIT compilation, which only adds time to
-    statements of hash joins and plain comparisons. The commit does not wait for the WAL
-    flush (`synchronous_commit = off` for this transaction only): the transaction holds the
-    data and the run's own record together, so a database crash in the next few hundred
-    milliseconds loses both, never one without the other, and the next run syncs again
-    what was lost; the database stays consistent either way.
+    - `syncd.applying`: the writes to `links` and `catalog_items` are the apply's own, which
+      records the snapshots it confirms in this transaction; any other write makes the
+      database forget every confirmed snapshot (migration 0007's triggers).
+    - JIT off: a big tenant's diff costs enough to trigger JIT compilation, which only adds
+      time to statements of hash joins and plain comparisons.
+    - The commit does not wait for the WAL flush (`synchronous_commit = off`, for this
+      transaction only): the transaction holds the data and the run's own record together,
+      so a database crash in the next few hundred milliseconds loses both, never one
+      without the other, and the next run syncs again what was lost.
     """
     await connection.execute(
         sa.text(
-            "SELECT set_config('jit', 'off', true), set_config('synchronous_commit', 'off', true)"
+            "SELECT set_config('syncd.applying', 'on', true), set_config('jit', 'off', true), "
+            "set_config('synchronous_commit', 'off', true)"
         )
     )
 

@@ -44,9 +44,10 @@ log = structlog.get_logger(__name__)
 # larger than pairs).
 COPY_BATCH_PAIRS = 20_000
 COPY_BATCH_RECORDS = 5_000
-# Items of one collection held back while its snapshot may equal the confirmed one (see
-# `_Stager`): most tenants' whole snapshot, at 48 bytes a pair a few MB.
-HOLD_MAX_ITEMS = 100_000
+# Bytes of one collection's pages held back while its snapshot may equal the confirmed one
+# (see `_Stager`): 8 MiB is 170,000 pairs (48 bytes each), or some thousands of catalog
+# items; per collection of each tenant running at once.
+HOLD_MAX_BYTES = 8 * 1024 * 1024
 BUSY = "busy: another syncd process is syncing this tenant"
 INTERRUPTED = "interrupted: syncd was stopped"
 
@@ -192,7 +193,7 @@ class _Staging:
     # snapshot does, none is ever copied.
     holding: bool
     held: list[Page] = field(default_factory=list)
-    held_items: int = 0
+    held_bytes: int = 0
     blocks: list[PairBlock] = field(default_factory=list)
     block_items: int = 0
     records: list[Record] = field(default_factory=list)
@@ -206,7 +207,7 @@ class _Stager:
 
     While a collection's pages all match its confirmed snapshot (`store.ConfirmedSnapshot`,
     page digests compared as they arrive), they are held in memory, at most
-    `HOLD_MAX_ITEMS` items: a snapshot equal to the confirmed one is then never copied nor
+    `HOLD_MAX_BYTES`: a snapshot equal to the confirmed one is then never copied nor
     diffed. The first page that differs (or the bound) sends what was held to staging and
     the rest streams as it arrives.
 
@@ -259,11 +260,10 @@ class _Stager:
                 self._progress.advance(self._tenant, page.count, total)
             if state.holding:
                 assert state.confirmed is not None
-                if state.held_items + page.count <= HOLD_MAX_ITEMS and state.confirmed.key.matches(
-                    page
-                ):
+                size = page.size_bytes()
+                if state.held_bytes + size <= HOLD_MAX_BYTES and state.confirmed.key.matches(page):
                     state.held.append(page)
-                    state.held_items += page.count
+                    state.held_bytes += size
                     return
                 self._release(state)
             self._buffer(state, page)
@@ -277,7 +277,7 @@ class _Stager:
         state.holding = False
         for held in state.held:
             self._buffer(state, held)
-        state.held, state.held_items = [], 0
+        state.held, state.held_bytes = [], 0
 
     @staticmethod
     def _buffer(state: _Staging, page: Page) -> None:
@@ -347,6 +347,13 @@ async def _record_failure(
         log.warning("could not record the run as failed", run_id=run_id, error=str(exc))
 
 
+async def _invalidate(connection: AsyncConnection) -> None:
+    """Ends the connection's session (and so any advisory lock it holds) instead of
+    returning it to the pool; shielded, so a cancellation cannot skip it."""
+    with contextlib.suppress(Exception):
+        await asyncio.shield(connection.invalidate())
+
+
 @contextlib.asynccontextmanager
 async def _run_lifecycle(
     engine: AsyncEngine,
@@ -364,8 +371,13 @@ async def _run_lifecycle(
     with db.database_errors("cannot reach the database"):
         connection = await engine.connect()
     try:
-        with db.database_errors("cannot take the tenant's lock"):
-            tenant_id, locked = await store.lock_tenant(connection, tenant.name)
+        try:
+            with db.database_errors("cannot take the tenant's lock"):
+                tenant_id, locked = await store.lock_tenant(connection, tenant.name)
+        except BaseException:
+            # The lock may have been taken before the answer was lost: end the session.
+            await _invalidate(connection)
+            raise
         if not locked:
             yield None
             return
@@ -396,19 +408,19 @@ async def _run_lifecycle(
                 await _record_failure(engine, connection, run.id, failure.message, stager.pages)
                 raise _RunFailed(failure, run.id, stager.pages) from exc
         finally:
-            released = False
-            with contextlib.suppress(Exception):
+            try:
                 await connection.rollback()
                 if stager is not None and stager.staged:
                     await store.clear_staging(connection)
                     await connection.commit()
                 await store.unlock(connection, tenant_id)
-                released = True
-            if not released:
+            except Exception:
                 # Back in the pool, the connection would keep the tenant locked: end its
                 # session instead, which releases the lock.
-                with contextlib.suppress(Exception):
-                    await connection.invalidate()
+                await _invalidate(connection)
+            except BaseException:  # cancelled while cleaning up: the same, then propagate
+                await _invalidate(connection)
+                raise
     finally:
         with contextlib.suppress(Exception):
             await connection.close()

@@ -1,8 +1,10 @@
 """A snapshot equal to the confirmed one is neither staged nor diffed; every other way of
-applying a collection makes its confirmed snapshot current or forgets it.
+applying a collection makes its confirmed snapshot current or forgets it, and so does any
+change to the stored data that is not syncd's own apply.
 
-The skip is observed through its one visible consequence: a change made to `syncd.links`
-behind syncd's back survives a run that skipped, and is repaired by one that diffed.
+The skip is observed through its one visible consequence: a row deleted in a transaction
+that claims to be syncd's apply (`syncd.applying`, so the key stays) survives a run that
+skipped, and is restored by one that diffed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import simulator as sim
-from syncd import sync
+from syncd import store, sync
 from syncd.sync import SyncResult, sync_tenant
 from tests.fixtures.helpers import current_pairs, expected_pairs, fetch_all, tenant_for
 
@@ -43,8 +45,12 @@ async def confirmed(engine: AsyncEngine) -> dict[str, tuple[int, int, int]]:
     return {name: (total, items, run_id) for name, total, items, run_id in rows}
 
 
-async def delete_one_link_behind_syncds_back(engine: AsyncEngine) -> None:
+async def delete_one_link_behind_syncds_back(engine: AsyncEngine, *, as_apply: bool = True) -> None:
+    """Deletes one of the tenant's links; `as_apply`: in a transaction marked as syncd's own
+    apply, which keeps the confirmed snapshots (else the database forgets them)."""
     async with engine.begin() as connection:
+        if as_apply:
+            await connection.execute(sa.text("SELECT set_config('syncd.applying', 'on', true)"))
         await connection.execute(
             sa.text(
                 "DELETE FROM syncd.links WHERE id = (SELECT min(l.id) FROM syncd.links l "
@@ -110,7 +116,7 @@ async def test_a_snapshot_larger_than_the_hold_is_streamed_and_still_skipped(
     engine: AsyncEngine,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(sync, "HOLD_MAX_ITEMS", 120)
+    monkeypatch.setattr(sync, "HOLD_MAX_BYTES", 120 * 48)
     assert (await run(sim_state, simulator, sync_engine)).status == "succeeded"
     await delete_one_link_behind_syncds_back(engine)
     skipped = await run(sim_state, simulator, sync_engine)
@@ -227,3 +233,50 @@ async def test_a_noop_run_is_two_statements_in_two_transactions(
         "WITH tenant AS ( UPDATE syncd.",
         "commit",
     ]
+
+
+async def test_a_change_outside_the_apply_forgets_every_confirmed_snapshot(
+    sim_state: sim.SimulatorState, simulator: str, sync_engine: AsyncEngine, engine: AsyncEngine
+) -> None:
+    assert (await run(sim_state, simulator, sync_engine)).status == "succeeded"
+    assert LINKS in await confirmed(engine)
+    await delete_one_link_behind_syncds_back(engine, as_apply=False)  # a hand edit
+    assert await confirmed(engine) == {}
+    repaired = await run(sim_state, simulator, sync_engine)
+    assert (repaired.status, repaired.added) == ("succeeded", 1)
+    assert await current_pairs(engine, TENANT) == expected_pairs(sim_state.tenants[TENANT])
+    assert LINKS in await confirmed(engine)
+
+    async with engine.begin() as connection:  # a catalog edit, by a later migration say
+        await connection.execute(sa.text("UPDATE syncd.catalog_items SET volatile = '{}'"))
+    assert await confirmed(engine) == {}
+    assert (await run(sim_state, simulator, sync_engine)).status == "succeeded"
+    status = await fetch_all(
+        engine, "SELECT count(*) FROM syncd.jobs_current WHERE status IS NOT NULL"
+    )
+    assert status[0][0] > 0  # the volatile fields came back
+
+
+async def tenant_locks(engine: AsyncEngine) -> int:
+    """Advisory locks on the tenant held by any session, syncd's namespace."""
+    rows = await fetch_all(
+        engine,
+        "SELECT count(*) FROM pg_locks l JOIN syncd.tenants t ON l.objid = t.id "
+        "WHERE l.locktype = 'advisory' AND l.classid = :namespace AND l.objsubid = 2 "
+        "AND t.name = :t",
+        namespace=store.LOCK_NAMESPACE,
+        t=TENANT,
+    )
+    return int(rows[0][0])
+
+
+async def test_no_run_leaves_the_tenant_locked(
+    sim_state: sim.SimulatorState, simulator: str, sync_engine: AsyncEngine, engine: AsyncEngine
+) -> None:
+    assert (await run(sim_state, simulator, sync_engine)).status == "succeeded"
+    assert await tenant_locks(engine) == 0
+    assert (await run(sim_state, simulator, sync_engine)).status == "succeeded"  # no-op
+    assert await tenant_locks(engine) == 0
+    sim_state.inject(sim.Fault(kind="403", tenant=TENANT, times=None))
+    assert (await run(sim_state, simulator, sync_engine)).status == "failed"
+    assert await tenant_locks(engine) == 0

@@ -477,11 +477,16 @@ def test_tracker_null_meta_full_page_is_incomplete() -> None:
 @pytest.mark.parametrize(
     ("first", "second"),
     [
-        # Two bad values whose concatenation would look like two good ones.
+        # Values of 35 and 37 characters: concatenated without separators, two good ones.
         ("1" * 8 + "-1111-1111-1111-" + "1" * 11, "a" + "1" * 8 + "-1111-1111-1111-" + "1" * 12),
         # A value holding a newline where a hex digit belongs, or other whitespace.
         ("1" * 8 + "-1111-1111-1111-" + "1" * 11 + "\n", "1" * 8 + "-1111-1111-1111-" + "1" * 12),
         ("1" * 8 + "-1111-1111-1111-" + "1" * 11 + " ", "1" * 8 + "-1111-1111-1111-" + "1" * 12),
+        # A stray hyphen and a two-byte character: the right count of bytes, not hex.
+        (
+            "-\u00e9" + "1" * 6 + "-1111-1111-1111-" + "1" * 12,
+            "1" * 8 + "-1111-1111-1111-" + "1" * 12,
+        ),
         # Non-ASCII digits and a hyphen out of place.
         ("\u0661" * 8 + "-1111-1111-1111-" + "1" * 12, "1" * 8 + "-1111-1111-1111-" + "1" * 12),
         ("1" * 8 + "-1111-1111-1111-" + "1" * 12, "1" * 8 + "-1111-1111-111-1" + "1" * 12),
