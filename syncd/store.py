@@ -108,18 +108,75 @@ async def unlock(connection: AsyncConnection, tenant_id: int) -> None:
     )
 
 
+# Every statement that ends a run is `WITH ended AS (UPDATE syncd.runs ... RETURNING
+# <_ENDED>)` followed by this upsert: the rollup commits with the run's status, in the same
+# round trip. Grouped, because one statement may end several runs of one hour (abandoned
+# ones), and ON CONFLICT may touch a row only once. The hour is binned from the epoch, as in
+# the migration that created the table.
+_ENDED = "tenant_id, status, started_at, finished_at, pairs_added, pairs_removed"
+_ADD_TO_RUN_HOURS = """
+    INSERT INTO syncd.run_hours AS h (hour, tenant_id, status, runs, runs_timed,
+                                      duration_sum_s, duration_max_s, pairs_added,
+                                      pairs_removed)
+    SELECT date_bin('1 hour', started_at, TIMESTAMPTZ '1970-01-01 00:00:00+00'),
+           tenant_id,
+           status,
+           count(*),
+           count(finished_at),
+           coalesce(sum(date_part('epoch', finished_at - started_at)), 0),
+           max(date_part('epoch', finished_at - started_at)),
+           coalesce(sum(pairs_added), 0),
+           coalesce(sum(pairs_removed), 0)
+      FROM {source}
+     GROUP BY 1, 2, 3
+        ON CONFLICT (hour, tenant_id, status) DO UPDATE
+       SET runs = h.runs + excluded.runs,
+           runs_timed = h.runs_timed + excluded.runs_timed,
+           duration_sum_s = h.duration_sum_s + excluded.duration_sum_s,
+           duration_max_s = greatest(h.duration_max_s, excluded.duration_max_s),
+           pairs_added = h.pairs_added + excluded.pairs_added,
+           pairs_removed = h.pairs_removed + excluded.pairs_removed
+"""
+
+
+def _ending(update: str) -> str:
+    """`update` (of syncd.runs, to a finished status) and the rollup's upsert of the runs it
+    ended, as one statement."""
+    return (
+        f"WITH ended AS ({update} RETURNING {_ENDED}), "
+        f"rolled_up AS ({_ADD_TO_RUN_HOURS.format(source='ended')}) "
+        "SELECT count(*) FROM ended"
+    )
+
+
 async def close_abandoned_runs(connection: AsyncConnection, tenant_id: int) -> int:
     """Marks `failed` the runs left `running` by a process that died (the caller holds the
     tenant's lock, so none of them is alive)."""
-    result = await connection.execute(
-        sa.text(
+    closed: int = await _scalar(
+        connection,
+        _ending(
             "UPDATE syncd.runs SET status = :failed, finished_at = now(), "
             "error = 'abandoned: the process running it stopped before it finished' "
             "WHERE tenant_id = :tenant_id AND status = :running"
         ),
-        {"tenant_id": tenant_id, "failed": RunStatus.FAILED, "running": RunStatus.RUNNING},
+        tenant_id=tenant_id,
+        failed=RunStatus.FAILED,
+        running=RunStatus.RUNNING,
     )
-    return result.rowcount
+    return closed
+
+
+async def rebuild_run_hours(connection: AsyncConnection) -> None:
+    """Recomputes the hourly rollup from `syncd.runs` (what migration's backfill does): for
+    runs recorded by other means than this module, such as imports, seeds and benchmarks."""
+    await connection.execute(sa.text("DELETE FROM syncd.run_hours"))
+    await connection.execute(
+        sa.text(
+            _ADD_TO_RUN_HOURS.format(
+                source=f"(SELECT {_ENDED} FROM syncd.runs WHERE status <> 'running') runs"
+            )
+        )
+    )
 
 
 async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, replica: str) -> Run:
@@ -531,7 +588,8 @@ async def finish_run(
     connection: AsyncConnection, run: Run, totals: RunTotals, *, reset_baseline: bool = False
 ) -> None:
     """Closes the run and updates the tenant's bookkeeping, in the caller's transaction (so
-    data and run status commit together): two row updates, whatever the collection count.
+    data and run status commit together): two row updates and an upsert of the run's hour in
+    `syncd.run_hours`, whatever the collection count.
     `reset_baseline` starts the mass-delete guard's baseline afresh at this run."""
     await connection.execute(
         sa.text(
@@ -558,11 +616,13 @@ async def finish_run(
     )
     await connection.execute(
         sa.text(
-            "UPDATE syncd.runs SET status = :status, finished_at = now(), "
-            "pages_fetched = :pages_fetched, pairs_seen = :pairs_seen, "
-            "pairs_added = :added, pairs_removed = :removed, error = :error, "
-            "collections = CAST(:collections AS jsonb) "
-            "WHERE id = :run_id"
+            _ending(
+                "UPDATE syncd.runs SET status = :status, finished_at = now(), "
+                "pages_fetched = :pages_fetched, pairs_seen = :pairs_seen, "
+                "pairs_added = :added, pairs_removed = :removed, error = :error, "
+                "collections = CAST(:collections AS jsonb) "
+                "WHERE id = :run_id"
+            )
         ),
         {
             "status": totals.status,
@@ -583,8 +643,10 @@ async def fail_run(
     """Marks a still-running run `failed` with `error` (the caller commits)."""
     await connection.execute(
         sa.text(
-            "UPDATE syncd.runs SET status = :failed, finished_at = now(), error = :error, "
-            "pages_fetched = :pages_fetched WHERE id = :run_id AND status = :running"
+            _ending(
+                "UPDATE syncd.runs SET status = :failed, finished_at = now(), error = :error, "
+                "pages_fetched = :pages_fetched WHERE id = :run_id AND status = :running"
+            )
         ),
         {
             "error": error,
