@@ -21,6 +21,10 @@ REFRESH_S = 5
 STALE_PERIODS = 3  # no success for this many periods: the age of the last success turns red
 ERROR_PREVIEW_CHARS = 90
 X_LABEL_EVERY_H = 6
+# Tenants shown in full, with their last runs' charts: those needing attention first. The
+# others are listed by name under their status: a row and two charts each would make a page
+# of a thousand tenants megabytes to send and a tenth of a second to draw, every few seconds.
+DETAILED_TENANTS = 50
 
 # Status colours, shared by badges, chart bars and legends. Dark enough for white text.
 COLOURS = {
@@ -51,6 +55,7 @@ class PageData:
     now: datetime
     history: history.History | None = None
     history_problem: str | None = None
+    detailed_tenants: int = DETAILED_TENANTS
 
 
 # --- small pure helpers ------------------------------------------------------------------
@@ -120,6 +125,20 @@ def needs_attention(row: Mapping[str, Any], now: datetime) -> bool:
     return row.get("last_status") == "failed" or since_success(row, now)[1]
 
 
+def ordered(rows: Sequence[Mapping[str, Any]], now: datetime) -> list[Mapping[str, Any]]:
+    """The tenants' rows as the page lists them: problems first; otherwise the
+    configuration's order."""
+    return sorted(rows, key=lambda row: not needs_attention(row, now))
+
+
+def detailed(
+    rows: Sequence[Mapping[str, Any]], now: datetime, limit: int = DETAILED_TENANTS
+) -> list[str]:
+    """Names of the tenants the page shows in full (the only ones whose last runs it
+    draws): the first `limit` of `ordered`."""
+    return [str(row.get("tenant", "")) for row in ordered(rows, now)[:limit]]
+
+
 def runs_summary(runs: history.RecentRuns) -> str:
     """One line about a tenant's last runs (the tooltip of their chart)."""
     counts: dict[str, int] = {}
@@ -179,7 +198,9 @@ def _css() -> str:
         ".stale{color:#c62828;font-weight:700}.fresh{color:#1b5e20}"
         ".error{color:#b71c1c;max-width:420px;overflow:hidden;text-overflow:ellipsis;"
         "white-space:nowrap}.muted{color:#888}"
-        "tr.attention{background:#fff8f8}" + colours
+        "tr.attention{background:#fff8f8}"
+        ".others{list-style:none;padding:0;margin:4px 0}.others li{margin:6px 0;"
+        "line-height:1.8}.others .badge{margin-right:4px}" + colours
     )
 
 
@@ -358,19 +379,43 @@ class _Page:
             f"{error_cell}</tr>"
         )
 
+    def others(self, rows: Sequence[Mapping[str, Any]]) -> str:
+        """The tenants beyond the detailed ones: each name under its status."""
+        if not rows:
+            return ""
+        now = self.data.now
+        groups: dict[str, list[str]] = {}
+        for row in rows:
+            name = self.text(row.get("tenant", ""))
+            css = "other stale" if needs_attention(row, now) else "other"
+            groups.setdefault(state_of(row), []).append(
+                f'<span class="{css}" data-tenant="{name}">{name}</span>'
+            )
+        items = "".join(
+            f'<li class="group" data-group="{state}"><span class="badge bg-{state}">'
+            f"{state if state != 'none' else 'not run yet'}</span> {len(names)}: "
+            f"{', '.join(names)}</li>"
+            for state, names in groups.items()
+        )
+        return (
+            f'<p class="meta" data-others="{len(rows)}">{len(rows)} more tenants, by status '
+            '(every tenant\'s details: <a href="/status">/status</a>):</p>'
+            f'<ul class="others">{items}</ul>'
+        )
+
     def tenants(self) -> str:
         rows = self.data.tenants
         if not rows:
             return '<p class="muted">No tenants configured: add [[tenants]] and send SIGHUP.</p>'
-        now = self.data.now
-        # Problems first; otherwise the configuration's order.
-        ordered = sorted(rows, key=lambda row: not needs_attention(row, now))
-        body = "".join(self.tenant_row(row) for row in ordered)
+        listed = ordered(rows, self.data.now)
+        limit = max(self.data.detailed_tenants, 0)
+        body = "".join(self.tenant_row(row) for row in listed[:limit])
         return (
             '<table class="tenants"><thead><tr><th>Tenant</th><th>Status</th>'
             f"<th>Since last success</th><th>Pairs</th><th>Next run</th>"
             f"<th>Last {history.RECENT_RUNS} runs: duration</th><th>Pairs changed</th>"
             f"<th>Last error</th></tr></thead><tbody>{body}</tbody></table>"
+            f"{self.others(listed[limit:])}"
         )
 
     def document(self, refresh_s: int) -> str:

@@ -121,7 +121,7 @@ async def test_a_slow_history_read_does_not_hold_the_page(
 ) -> None:
     monkeypatch.setattr(web, "PAGE_HISTORY_TIMEOUT_S", 0.05)
 
-    async def never(names: Sequence[str]) -> history.History:
+    async def never(names: Sequence[str], *, recent_of: Sequence[str]) -> history.History:
         await asyncio.sleep(3600)
         raise AssertionError("unreachable")
 
