@@ -97,15 +97,21 @@ def _utc(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def since_success(row: Mapping[str, Any], now: datetime) -> tuple[str, bool]:
-    """(age of the tenant's last success, whether that is stale: older than STALE_PERIODS
-    periods, or never after the tenant has run)."""
+def is_stale(row: Mapping[str, Any], now: datetime) -> bool:
+    """Whether the tenant's last success is older than STALE_PERIODS periods, or it has run
+    and never succeeded."""
     last = _moment(row.get("last_success_at"))
     if last is None:
-        return ("never", row.get("last_status") is not None)
-    age_s = (now - last).total_seconds()
+        return row.get("last_status") is not None
     period_s = float(row.get("period_s") or 0.0)
-    return (duration_text(age_s), period_s > 0 and age_s > STALE_PERIODS * period_s)
+    return period_s > 0 and (now - last).total_seconds() > STALE_PERIODS * period_s
+
+
+def since_success(row: Mapping[str, Any], now: datetime) -> tuple[str, bool]:
+    """(age of the tenant's last success, whether that is stale: see `is_stale`)."""
+    last = _moment(row.get("last_success_at"))
+    age = "never" if last is None else duration_text((now - last).total_seconds())
+    return (age, is_stale(row, now))
 
 
 def state_of(row: Mapping[str, Any]) -> str:
@@ -122,7 +128,7 @@ def state_of(row: Mapping[str, Any]) -> str:
 
 def needs_attention(row: Mapping[str, Any], now: datetime) -> bool:
     """A failing or stale tenant: listed first."""
-    return row.get("last_status") == "failed" or since_success(row, now)[1]
+    return row.get("last_status") == "failed" or is_stale(row, now)
 
 
 def ordered(rows: Sequence[Mapping[str, Any]], now: datetime) -> list[Mapping[str, Any]]:
@@ -236,7 +242,7 @@ class _Page:
     def summary(self, rows: Sequence[Mapping[str, Any]]) -> str:
         now = self.data.now
         failing = sum(1 for row in rows if row.get("last_status") == "failed")
-        stale = sum(1 for row in rows if since_success(row, now)[1])
+        stale = sum(1 for row in rows if is_stale(row, now))
         running = sum(1 for row in rows if row.get("running"))
         parts = [
             f"<span>{len(rows)} tenant{'s' if len(rows) != 1 else ''}</span>",
