@@ -167,9 +167,12 @@ async def close_abandoned_runs(connection: AsyncConnection, tenant_id: int) -> i
 
 
 async def rebuild_run_hours(connection: AsyncConnection) -> None:
-    """Recomputes the hourly rollup from `syncd.runs` (what migration's backfill does): for
-    runs recorded by other means than this module, such as imports, seeds and benchmarks."""
+    """Recomputes the hourly rollup from `syncd.runs`, as the migration that created it did:
+    for runs recorded past this module (imports, seeds, benchmarks). The caller commits."""
     await connection.execute(sa.text("DELETE FROM syncd.run_hours"))
+    # A year of runs makes millions of groups: room to hash them in memory, for this
+    # transaction only.
+    await connection.execute(sa.text("SET LOCAL work_mem = '256MB'"))
     await connection.execute(
         sa.text(
             _ADD_TO_RUN_HOURS.format(
