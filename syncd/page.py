@@ -216,6 +216,19 @@ class _Page:
     def __init__(self, data: PageData, scrub: Scrub) -> None:
         self.data = data
         self.scrub = scrub
+        # By the row's identity: the order, the summary and the rows all ask.
+        self._stale: dict[int, bool] = {}
+
+    def stale(self, row: Mapping[str, Any]) -> bool:
+        """`is_stale`, once per row."""
+        found = self._stale.get(id(row))
+        if found is None:
+            found = self._stale[id(row)] = is_stale(row, self.data.now)
+        return found
+
+    def attention(self, row: Mapping[str, Any]) -> bool:
+        """`needs_attention`, once per row."""
+        return row.get("last_status") == "failed" or self.stale(row)
 
     def text(self, value: object) -> str:
         """Any value as escaped text, scrubbed of known secrets first."""
@@ -240,9 +253,8 @@ class _Page:
         )
 
     def summary(self, rows: Sequence[Mapping[str, Any]]) -> str:
-        now = self.data.now
         failing = sum(1 for row in rows if row.get("last_status") == "failed")
-        stale = sum(1 for row in rows if is_stale(row, now))
+        stale = sum(1 for row in rows if self.stale(row))
         running = sum(1 for row in rows if row.get("running"))
         parts = [
             f"<span>{len(rows)} tenant{'s' if len(rows) != 1 else ''}</span>",
@@ -353,8 +365,11 @@ class _Page:
             f'<span class="badge bg-{state}" data-state="{state}" title="{self.text(title)}">'
             f"{self.text(badge_text)}</span>"
         )
-        age, stale = since_success(row, now)
         last_success = _moment(row.get("last_success_at"))
+        stale = self.stale(row)
+        age = (
+            "never" if last_success is None else duration_text((now - last_success).total_seconds())
+        )
         age_title = _utc(last_success) if last_success else "no succeeded run known"
         age_css = "stale" if stale else ("fresh" if last_success else "muted")
         pairs = row.get("pairs")
@@ -372,7 +387,7 @@ class _Page:
             else '<td class="muted">-</td>'
         )
         durations, changes = self.recent_charts(name)
-        attention = " attention" if needs_attention(row, now) else ""
+        attention = " attention" if self.attention(row) else ""
         return (
             f'<tr class="tenant{attention}" data-tenant="{self.text(name)}">'
             f'<td class="name">{self.text(name)}</td>'
@@ -389,11 +404,10 @@ class _Page:
         """The tenants beyond the detailed ones: each name under its status."""
         if not rows:
             return ""
-        now = self.data.now
         groups: dict[str, list[str]] = {}
         for row in rows:
             name = self.text(row.get("tenant", ""))
-            css = "other stale" if needs_attention(row, now) else "other"
+            css = "other stale" if self.attention(row) else "other"
             groups.setdefault(state_of(row), []).append(
                 f'<span class="{css}" data-tenant="{name}">{name}</span>'
             )
@@ -413,7 +427,8 @@ class _Page:
         rows = self.data.tenants
         if not rows:
             return '<p class="muted">No tenants configured: add [[tenants]] and send SIGHUP.</p>'
-        listed = ordered(rows, self.data.now)
+        # As `ordered`, each row's staleness told once.
+        listed = sorted(rows, key=lambda row: not self.attention(row))
         limit = max(self.data.detailed_tenants, 0)
         body = "".join(self.tenant_row(row) for row in listed[:limit])
         return (
