@@ -128,7 +128,7 @@ _ADD_TO_RUN_HOURS = """
            coalesce(sum(pairs_added), 0),
            coalesce(sum(pairs_removed), 0)
       FROM {source}
-     GROUP BY 1, 2, 3
+     GROUP BY 1, 2, 3 {order}
         ON CONFLICT (hour, tenant_id, status) DO UPDATE
        SET runs = h.runs + excluded.runs,
            runs_timed = h.runs_timed + excluded.runs_timed,
@@ -144,7 +144,7 @@ def _ending(update: str) -> str:
     ended, as one statement."""
     return (
         f"WITH ended AS ({update} RETURNING {_ENDED}), "
-        f"rolled_up AS ({_ADD_TO_RUN_HOURS.format(source='ended')}) "
+        f"rolled_up AS ({_ADD_TO_RUN_HOURS.format(source='ended', order='')}) "
         "SELECT count(*) FROM ended"
     )
 
@@ -173,10 +173,12 @@ async def rebuild_run_hours(connection: AsyncConnection) -> None:
     # A year of runs makes millions of groups: room to hash them in memory, for this
     # transaction only.
     await connection.execute(sa.text("SET LOCAL work_mem = '256MB'"))
+    # Sorted into the key's order, as the migration's backfill: see there why.
     await connection.execute(
         sa.text(
             _ADD_TO_RUN_HOURS.format(
-                source=f"(SELECT {_ENDED} FROM syncd.runs WHERE status <> 'running') runs"
+                source=f"(SELECT {_ENDED} FROM syncd.runs WHERE status <> 'running') runs",
+                order="ORDER BY 1, 2, 3",
             )
         )
     )

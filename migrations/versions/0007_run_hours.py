@@ -22,8 +22,10 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 # Hours are binned from the epoch, not truncated in the session's time zone (a zone half an
-# hour off UTC would shift every bucket). Kept here rather than imported: a migration runs
-# the SQL of its own time.
+# hour off UTC would shift every bucket). In the key's order: the primary key grows at its
+# end only, and an hour's rows share a few pages, as the rows a daemon adds hour by hour do
+# (grouped in hash order, the last day's 28,000 rows of a year lay on 11,600 pages). Kept
+# here rather than imported: a migration runs the SQL of its own time.
 BACKFILL = """
     INSERT INTO syncd.run_hours (hour, tenant_id, status, runs, runs_timed, duration_sum_s,
                                  duration_max_s, pairs_added, pairs_removed)
@@ -39,6 +41,7 @@ BACKFILL = """
       FROM syncd.runs
      WHERE status <> 'running'
      GROUP BY 1, 2, 3
+     ORDER BY 1, 2, 3
 """
 
 
