@@ -41,8 +41,9 @@ class SecretScrubber:
         """Adds secret values to scrub (values shorter than 4 characters are ignored)."""
         known = set(self._secrets)
         known.update(secret for secret in secrets if len(secret) >= _MIN_SECRET_CHARS)
-        # Longest first, so a secret containing another is replaced whole.
-        self._secrets = tuple(sorted(known, key=len, reverse=True))
+        # Longest first, so a secret containing another is replaced whole; then by value, so
+        # that two overlapping secrets are scrubbed alike in every process.
+        self._secrets = tuple(sorted(known, key=lambda secret: (-len(secret), secret)))
         shortest = min((len(secret) for secret in known), default=_MIN_SECRET_CHARS)
         self._prefix_chars = min(shortest, _PREFIX_CHARS)
         self._prefixes = frozenset(secret[: self._prefix_chars] for secret in known)

@@ -8,7 +8,7 @@ from syncd import logs
 
 
 def _naive(secrets: list[str], text: str) -> str:
-    for secret in sorted(secrets, key=len, reverse=True):
+    for secret in sorted(set(secrets), key=lambda secret: (-len(secret), secret)):
         text = text.replace(secret, "[redacted]")
     return text
 
