@@ -21,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Double,
     ForeignKey,
     Identity,
     Index,
@@ -138,6 +139,31 @@ class RunRow(Base):
     collections: Mapped[dict[str, object] | None] = mapped_column(JSONB)
     # `[daemon] replica_name` of the process that ran it; NULL for runs before replicas.
     replica: Mapped[str | None] = mapped_column(Text)
+
+
+class RunHourRow(Base):
+    """The finished runs of one tenant that started in one hour, by how they ended: the
+    status page's 24-hour charts read these, never the runs themselves.
+
+    `store` adds a run here in the statement that ends it (finished, failed or abandoned),
+    so the rollup commits with the run's status. Runs still `running` are not in it.
+    """
+
+    __tablename__ = "run_hours"
+    __table_args__ = (CheckConstraint("status <> 'running'", name="status_finished"),)
+
+    # The hour first: the page reads a range of hours for every tenant at once.
+    hour: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    status: Mapped[str] = mapped_column(Text, primary_key=True)
+    runs: Mapped[int] = mapped_column(Integer)
+    # Runs with a finish time (all that syncd ended; older rows may lack one), and the sum
+    # and the longest of their durations.
+    runs_timed: Mapped[int] = mapped_column(Integer)
+    duration_sum_s: Mapped[float] = mapped_column(Double)
+    duration_max_s: Mapped[float | None] = mapped_column(Double)
+    pairs_added: Mapped[int] = mapped_column(BigInteger)
+    pairs_removed: Mapped[int] = mapped_column(BigInteger)
 
 
 class ScheduleRow(Base):

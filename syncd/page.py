@@ -21,6 +21,10 @@ REFRESH_S = 5
 STALE_PERIODS = 3  # no success for this many periods: the age of the last success turns red
 ERROR_PREVIEW_CHARS = 90
 X_LABEL_EVERY_H = 6
+# Tenants shown in full, with their last runs' charts: those needing attention first. The
+# others are listed by name under their status: a row and two charts each would make a page
+# of a thousand tenants megabytes to send and a tenth of a second to draw, every few seconds.
+DETAILED_TENANTS = 50
 
 # Status colours, shared by badges, chart bars and legends. Dark enough for white text.
 COLOURS = {
@@ -51,6 +55,7 @@ class PageData:
     now: datetime
     history: history.History | None = None
     history_problem: str | None = None
+    detailed_tenants: int = DETAILED_TENANTS
 
 
 # --- small pure helpers ------------------------------------------------------------------
@@ -92,15 +97,21 @@ def _utc(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def since_success(row: Mapping[str, Any], now: datetime) -> tuple[str, bool]:
-    """(age of the tenant's last success, whether that is stale: older than STALE_PERIODS
-    periods, or never after the tenant has run)."""
+def is_stale(row: Mapping[str, Any], now: datetime) -> bool:
+    """Whether the tenant's last success is older than STALE_PERIODS periods, or it has run
+    and never succeeded."""
     last = _moment(row.get("last_success_at"))
     if last is None:
-        return ("never", row.get("last_status") is not None)
-    age_s = (now - last).total_seconds()
+        return row.get("last_status") is not None
     period_s = float(row.get("period_s") or 0.0)
-    return (duration_text(age_s), period_s > 0 and age_s > STALE_PERIODS * period_s)
+    return period_s > 0 and (now - last).total_seconds() > STALE_PERIODS * period_s
+
+
+def since_success(row: Mapping[str, Any], now: datetime) -> tuple[str, bool]:
+    """(age of the tenant's last success, whether that is stale: see `is_stale`)."""
+    last = _moment(row.get("last_success_at"))
+    age = "never" if last is None else duration_text((now - last).total_seconds())
+    return (age, is_stale(row, now))
 
 
 def state_of(row: Mapping[str, Any]) -> str:
@@ -117,7 +128,21 @@ def state_of(row: Mapping[str, Any]) -> str:
 
 def needs_attention(row: Mapping[str, Any], now: datetime) -> bool:
     """A failing or stale tenant: listed first."""
-    return row.get("last_status") == "failed" or since_success(row, now)[1]
+    return row.get("last_status") == "failed" or is_stale(row, now)
+
+
+def ordered(rows: Sequence[Mapping[str, Any]], now: datetime) -> list[Mapping[str, Any]]:
+    """The tenants' rows as the page lists them: problems first; otherwise the
+    configuration's order."""
+    return sorted(rows, key=lambda row: not needs_attention(row, now))
+
+
+def detailed(
+    rows: Sequence[Mapping[str, Any]], now: datetime, limit: int = DETAILED_TENANTS
+) -> list[str]:
+    """Names of the tenants the page shows in full (the only ones whose last runs it
+    draws): the first `limit` of `ordered`."""
+    return [str(row.get("tenant", "")) for row in ordered(rows, now)[:limit]]
 
 
 def runs_summary(runs: history.RecentRuns) -> str:
@@ -179,7 +204,9 @@ def _css() -> str:
         ".stale{color:#c62828;font-weight:700}.fresh{color:#1b5e20}"
         ".error{color:#b71c1c;max-width:420px;overflow:hidden;text-overflow:ellipsis;"
         "white-space:nowrap}.muted{color:#888}"
-        "tr.attention{background:#fff8f8}" + colours
+        "tr.attention{background:#fff8f8}"
+        ".others{list-style:none;padding:0;margin:4px 0}.others li{margin:6px 0;"
+        "line-height:1.8}.others .badge{margin-right:4px}" + colours
     )
 
 
@@ -189,6 +216,19 @@ class _Page:
     def __init__(self, data: PageData, scrub: Scrub) -> None:
         self.data = data
         self.scrub = scrub
+        # By the row's identity: the order, the summary and the rows all ask.
+        self._stale: dict[int, bool] = {}
+
+    def stale(self, row: Mapping[str, Any]) -> bool:
+        """`is_stale`, once per row."""
+        found = self._stale.get(id(row))
+        if found is None:
+            found = self._stale[id(row)] = is_stale(row, self.data.now)
+        return found
+
+    def attention(self, row: Mapping[str, Any]) -> bool:
+        """`needs_attention`, once per row."""
+        return row.get("last_status") == "failed" or self.stale(row)
 
     def text(self, value: object) -> str:
         """Any value as escaped text, scrubbed of known secrets first."""
@@ -213,9 +253,8 @@ class _Page:
         )
 
     def summary(self, rows: Sequence[Mapping[str, Any]]) -> str:
-        now = self.data.now
         failing = sum(1 for row in rows if row.get("last_status") == "failed")
-        stale = sum(1 for row in rows if since_success(row, now)[1])
+        stale = sum(1 for row in rows if self.stale(row))
         running = sum(1 for row in rows if row.get("running"))
         parts = [
             f"<span>{len(rows)} tenant{'s' if len(rows) != 1 else ''}</span>",
@@ -326,8 +365,11 @@ class _Page:
             f'<span class="badge bg-{state}" data-state="{state}" title="{self.text(title)}">'
             f"{self.text(badge_text)}</span>"
         )
-        age, stale = since_success(row, now)
         last_success = _moment(row.get("last_success_at"))
+        stale = self.stale(row)
+        age = (
+            "never" if last_success is None else duration_text((now - last_success).total_seconds())
+        )
         age_title = _utc(last_success) if last_success else "no succeeded run known"
         age_css = "stale" if stale else ("fresh" if last_success else "muted")
         pairs = row.get("pairs")
@@ -345,7 +387,7 @@ class _Page:
             else '<td class="muted">-</td>'
         )
         durations, changes = self.recent_charts(name)
-        attention = " attention" if needs_attention(row, now) else ""
+        attention = " attention" if self.attention(row) else ""
         return (
             f'<tr class="tenant{attention}" data-tenant="{self.text(name)}">'
             f'<td class="name">{self.text(name)}</td>'
@@ -358,19 +400,43 @@ class _Page:
             f"{error_cell}</tr>"
         )
 
+    def others(self, rows: Sequence[Mapping[str, Any]]) -> str:
+        """The tenants beyond the detailed ones: each name under its status."""
+        if not rows:
+            return ""
+        groups: dict[str, list[str]] = {}
+        for row in rows:
+            name = self.text(row.get("tenant", ""))
+            css = "other stale" if self.attention(row) else "other"
+            groups.setdefault(state_of(row), []).append(
+                f'<span class="{css}" data-tenant="{name}">{name}</span>'
+            )
+        items = "".join(
+            f'<li class="group" data-group="{state}"><span class="badge bg-{state}">'
+            f"{state if state != 'none' else 'not run yet'}</span> {len(names)}: "
+            f"{', '.join(names)}</li>"
+            for state, names in groups.items()
+        )
+        return (
+            f'<p class="meta" data-others="{len(rows)}">{len(rows)} more tenants, by status '
+            '(every tenant\'s details: <a href="/status">/status</a>):</p>'
+            f'<ul class="others">{items}</ul>'
+        )
+
     def tenants(self) -> str:
         rows = self.data.tenants
         if not rows:
             return '<p class="muted">No tenants configured: add [[tenants]] and send SIGHUP.</p>'
-        now = self.data.now
-        # Problems first; otherwise the configuration's order.
-        ordered = sorted(rows, key=lambda row: not needs_attention(row, now))
-        body = "".join(self.tenant_row(row) for row in ordered)
+        # As `ordered`, each row's staleness told once.
+        listed = sorted(rows, key=lambda row: not self.attention(row))
+        limit = max(self.data.detailed_tenants, 0)
+        body = "".join(self.tenant_row(row) for row in listed[:limit])
         return (
             '<table class="tenants"><thead><tr><th>Tenant</th><th>Status</th>'
             f"<th>Since last success</th><th>Pairs</th><th>Next run</th>"
             f"<th>Last {history.RECENT_RUNS} runs: duration</th><th>Pairs changed</th>"
             f"<th>Last error</th></tr></thead><tbody>{body}</tbody></table>"
+            f"{self.others(listed[limit:])}"
         )
 
     def document(self, refresh_s: int) -> str:

@@ -145,6 +145,65 @@ async def _driver(connection: AsyncConnection) -> Any:
     return raw.driver_connection
 
 
+# Every statement that ends a run is `WITH ended AS (UPDATE syncd.runs ... RETURNING
+# <_ENDED>)` followed by this upsert: the rollup commits with the run's status, in the same
+# round trip. Grouped, because one statement may end several runs of one hour (abandoned
+# ones), and ON CONFLICT may touch a row only once. The hour is binned from the epoch, as in
+# the migration that created the table.
+_ENDED = "tenant_id, status, started_at, finished_at, pairs_added, pairs_removed"
+_ADD_TO_RUN_HOURS = """
+    INSERT INTO syncd.run_hours AS h (hour, tenant_id, status, runs, runs_timed,
+                                      duration_sum_s, duration_max_s, pairs_added,
+                                      pairs_removed)
+    SELECT date_bin('1 hour', started_at, TIMESTAMPTZ '1970-01-01 00:00:00+00'),
+           tenant_id,
+           status,
+           count(*),
+           count(finished_at),
+           coalesce(sum(date_part('epoch', finished_at - started_at)), 0),
+           max(date_part('epoch', finished_at - started_at)),
+           coalesce(sum(pairs_added), 0),
+           coalesce(sum(pairs_removed), 0)
+      FROM {source}
+     GROUP BY 1, 2, 3 {order}
+        ON CONFLICT (hour, tenant_id, status) DO UPDATE
+       SET runs = h.runs + excluded.runs,
+           runs_timed = h.runs_timed + excluded.runs_timed,
+           duration_sum_s = h.duration_sum_s + excluded.duration_sum_s,
+           duration_max_s = greatest(h.duration_max_s, excluded.duration_max_s),
+           pairs_added = h.pairs_added + excluded.pairs_added,
+           pairs_removed = h.pairs_removed + excluded.pairs_removed
+"""
+
+
+def _ending(update: str) -> str:
+    """`update` (of syncd.runs, to a finished status) and the rollup's upsert of the runs it
+    ended, as one statement."""
+    return (
+        f"WITH ended AS ({update} RETURNING {_ENDED}), "
+        f"rolled_up AS ({_ADD_TO_RUN_HOURS.format(source='ended', order='')}) "
+        "SELECT count(*) FROM ended"
+    )
+
+
+async def rebuild_run_hours(connection: AsyncConnection) -> None:
+    """Recomputes the hourly rollup from `syncd.runs`, as the migration that created it did:
+    for runs recorded past this module (imports, seeds, benchmarks). The caller commits."""
+    await connection.execute(sa.text("DELETE FROM syncd.run_hours"))
+    # A year of runs makes millions of groups: room to hash them in memory, for this
+    # transaction only.
+    await connection.execute(sa.text("SET LOCAL work_mem = '256MB'"))
+    # Sorted into the key's order, as the migration's backfill: see there why.
+    await connection.execute(
+        sa.text(
+            _ADD_TO_RUN_HOURS.format(
+                source=f"(SELECT {_ENDED} FROM syncd.runs WHERE status <> 'running') runs",
+                order="ORDER BY 1, 2, 3",
+            )
+        )
+    )
+
+
 async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, replica: str) -> Run:
     """Records a new `running` run of `replica` (this process's `[daemon] replica_name`),
     marks `failed` the runs of the tenant left `running` by a process that died (the caller
@@ -153,13 +212,14 @@ async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, re
     row = (
         await connection.execute(
             sa.text(
-                """
+                f"""
                 WITH abandoned AS (
                     UPDATE syncd.runs SET status = :failed, finished_at = now(),
                            error = 'abandoned: the process running it stopped before it '
                                    'finished'
                      WHERE tenant_id = :tenant_id AND status = :running
-                    RETURNING 1
+                    RETURNING {_ENDED}
+                ), rolled_up AS ({_ADD_TO_RUN_HOURS.format(source="abandoned", order="")}
                 ), run AS (
                     INSERT INTO syncd.runs (tenant_id, started_at, status, host, pid, replica)
                     VALUES (:tenant_id, now(), :running, :host, :pid, :replica)
@@ -614,12 +674,12 @@ async def finish_run(
     connection: AsyncConnection, run: Run, totals: RunTotals, *, reset_baseline: bool = False
 ) -> None:
     """Closes the run and updates the tenant's bookkeeping, in the caller's transaction (so
-    data and run status commit together): two row updates in one statement, whatever the
-    collection count.
+    data and run status commit together): the tenant's and the run's rows and an upsert of
+    the run's hour in `syncd.run_hours`, in one statement, whatever the collection count.
     `reset_baseline` starts the mass-delete guard's baseline afresh at this run."""
     await connection.execute(
         sa.text(
-            """
+            f"""
             WITH tenant AS (
                 UPDATE syncd.tenants
                    SET current_pairs = coalesce(:current_pairs, current_pairs),
@@ -631,12 +691,17 @@ async def finish_run(
                                                     ELSE delete_baseline_since END,
                        unavailable_collections = CAST(:unavailable AS text[])
                  WHERE id = :tenant_id
+            ), ended AS (
+                UPDATE syncd.runs
+                   SET status = :status, finished_at = now(), pages_fetched = :pages_fetched,
+                       pairs_seen = :pairs_seen, pairs_added = :added,
+                       pairs_removed = :removed, error = :error,
+                       collections = CAST(:collections AS jsonb)
+                 WHERE id = :run_id
+                RETURNING {_ENDED}
+            ), rolled_up AS ({_ADD_TO_RUN_HOURS.format(source="ended", order="")}
             )
-            UPDATE syncd.runs
-               SET status = :status, finished_at = now(), pages_fetched = :pages_fetched,
-                   pairs_seen = :pairs_seen, pairs_added = :added, pairs_removed = :removed,
-                   error = :error, collections = CAST(:collections AS jsonb)
-             WHERE id = :run_id
+            SELECT count(*) FROM ended
             """
         ),
         {
@@ -711,8 +776,10 @@ async def fail_run(
     """Marks a still-running run `failed` with `error` (the caller commits)."""
     await connection.execute(
         sa.text(
-            "UPDATE syncd.runs SET status = :failed, finished_at = now(), error = :error, "
-            "pages_fetched = :pages_fetched WHERE id = :run_id AND status = :running"
+            _ending(
+                "UPDATE syncd.runs SET status = :failed, finished_at = now(), error = :error, "
+                "pages_fetched = :pages_fetched WHERE id = :run_id AND status = :running"
+            )
         ),
         {
             "error": error,

@@ -41,8 +41,14 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-# Reads the charts' data for the given tenant names.
-HistoryReader = Callable[[Sequence[str]], Awaitable[history.History]]
+
+class HistoryReader(Protocol):
+    """Reads the charts' data: the 24 hours of `tenants`, the last runs of `recent_of`
+    (`history.read_history` with its engine bound)."""
+
+    def __call__(
+        self, tenants: Sequence[str], *, recent_of: Sequence[str]
+    ) -> Awaitable[history.History]: ...
 
 
 class DaemonView(Protocol):
@@ -104,7 +110,7 @@ def create_app(
     registry.ready.set_function(lambda: 0.0 if readiness()[1]["reason"] else 1.0)
 
     async def charts(
-        checks: dict[str, str | None], rows: list[dict[str, Any]]
+        checks: dict[str, str | None], rows: list[dict[str, Any]], now: datetime
     ) -> tuple[history.History | None, str | None]:
         """(the run history, None) or (None, why the page goes without charts)."""
         if read_history is None:
@@ -114,7 +120,13 @@ def create_app(
             return None, database
         try:
             async with asyncio.timeout(PAGE_HISTORY_TIMEOUT_S):
-                return await read_history([str(row["tenant"]) for row in rows]), None
+                return (
+                    await read_history(
+                        [str(row["tenant"]) for row in rows],
+                        recent_of=page.detailed(rows, now),
+                    ),
+                    None,
+                )
         except errors.DatabaseError as exc:
             log.warning("status page without charts", error=scrub(str(exc)))
             return None, str(exc)
@@ -124,11 +136,12 @@ def create_app(
     async def status_page(request: web.Request) -> web.Response:
         checks = view.checks()
         rows = view.tenants()
-        found, problem = await charts(checks, rows)
+        now = datetime.now(UTC)
+        found, problem = await charts(checks, rows, now)
         data = page.PageData(
             checks=checks,
             tenants=rows,
-            now=datetime.now(UTC),
+            now=now,
             history=found,
             history_problem=problem,
         )

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import simulator as sim
+from syncd import store
 from tests.fixtures.daemons import running_daemon
 from tests.fixtures.fault_helpers import wait_for
 from tests.fixtures.helpers import FAST_SETTINGS
@@ -111,6 +112,8 @@ async def seed_past_day(engine: AsyncEngine, names: Sequence[str]) -> None:
             ),
             runs,
         )
+        # Written past `store`, as an import would: the hourly rollup is recomputed.
+        await store.rebuild_run_hours(connection)
 
 
 # One synchronous look at the page: a meta refresh cannot reload it halfway through.

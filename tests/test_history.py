@@ -1,5 +1,6 @@
 """The status page's run history: bucketing (pure), the two queries against a real database,
-and that their plans stay bounded (index scans, no sort of a tenant's whole history)."""
+that their plans stay bounded (index scans, no sort of a tenant's whole history), and that a
+page view's statements do not grow with the tenants."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import errors, history
+from syncd import errors, history, store
 
 NOW = datetime(2026, 11, 30, 14, 25, 7, tzinfo=UTC)
 
@@ -62,6 +63,8 @@ async def _add_runs(engine: AsyncEngine, tenant_id: int, runs: list[dict[str, ob
             ),
             [{"tenant_id": tenant_id, "error": None, "added": 0, "removed": 0} | r for r in runs],
         )
+        # Written past `store`, as an import would: the rollup is recomputed, as after one.
+        await store.rebuild_run_hours(connection)
 
 
 def _run(
@@ -125,6 +128,12 @@ async def test_read_history_of_the_configured_tenants(engine: AsyncEngine) -> No
     )
     assert globex.durations_s[1] == pytest.approx(8.0)
 
+    # The last runs only of the tenants asked for; the 24 hours of all of them.
+    some = await history.read_history(
+        engine, ["acme", "<globex> & co"], recent_of=["<globex> & co"], now=NOW
+    )
+    assert set(some.recent) == {"<globex> & co"} and some.hours == found.hours
+
 
 async def test_read_history_of_no_tenants_is_empty(engine: AsyncEngine) -> None:
     found = await history.read_history(engine, [], now=NOW)
@@ -159,6 +168,7 @@ async def test_queries_are_served_by_indexes(engine: AsyncEngine) -> None:
     )
     async with engine.begin() as connection:
         await connection.execute(sa.text("ANALYZE syncd.runs"))
+        await connection.execute(sa.text("ANALYZE syncd.run_hours"))
         await connection.execute(sa.text("ANALYZE syncd.tenants"))
 
     last_day = await _plan(
@@ -166,7 +176,9 @@ async def test_queries_are_served_by_indexes(engine: AsyncEngine) -> None:
         history._LAST_DAY,
         {"since": history.window_start(NOW), "tenants": ["acme"]},
     )
-    assert "ix_runs_started_at" in last_day, last_day
+    # The rollup by hour, and the runs still going through the partial index of those alone.
+    assert "pk_run_hours" in last_day, last_day
+    assert "using ix_runs_tenant_id on runs" in last_day, last_day
 
     recent = await _plan(engine, history._RECENT, {"tenants": ["acme"], "limit": 20})
     # Each tenant's LIMIT reads the index backwards: no sort of the tenant's history (the
@@ -174,3 +186,38 @@ async def test_queries_are_served_by_indexes(engine: AsyncEngine) -> None:
     lines = recent.splitlines()
     limit = next(index for index, line in enumerate(lines) if "Limit" in line)
     assert "Index Scan Backward using ix_runs_tenant_id_id" in lines[limit + 1], recent
+
+
+async def _statements_of_a_page_view(engine: AsyncEngine, tenants: int) -> int:
+    """Statements `read_history` sends for `tenants` tenants, each with runs in the window
+    and beyond, one of them running."""
+    names = [f"tenant-{count:03d}-of-{tenants}" for count in range(tenants)]
+    for name in names:
+        tenant_id = await _add_tenant(engine, name)
+        await _add_runs(
+            engine,
+            tenant_id,
+            [_run(timedelta(minutes=15 * i), "succeeded", 1.0) for i in range(1, 30)]
+            + [_run(timedelta(seconds=5), "running", None)],
+        )
+    sent: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        sent.append(statement)
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", count)
+    try:
+        found = await history.read_history(engine, names, now=NOW)
+    finally:
+        sa.event.remove(engine.sync_engine, "before_cursor_execute", count)
+    assert len(found.recent) == tenants and sum(h.runs.get("running", 0) for h in found.hours)
+    return len(sent)
+
+
+async def test_a_page_view_sends_as_many_statements_for_40_tenants_as_for_2(
+    engine: AsyncEngine,
+) -> None:
+    few = await _statements_of_a_page_view(engine, 2)
+    many = await _statements_of_a_page_view(engine, 40)
+    # The statement timeout, the 24 hours, the last runs: whatever the tenant count.
+    assert few == many == 3

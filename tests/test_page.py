@@ -238,6 +238,66 @@ def test_no_tenants() -> None:
     assert "No tenants configured" in tree.root.text()
 
 
+def test_beyond_the_detailed_tenants_every_name_is_listed_under_its_status() -> None:
+    rows = [
+        row("a"),
+        row(HOSTILE),
+        row("b"),
+        row("failing", last_status="failed", last_error="HTTP 403"),
+        row(
+            "stale",
+            last_status="partial",
+            last_success_at=(NOW - timedelta(hours=2)).isoformat(),
+        ),
+        row("new", last_status=None, last_success_at=None, pairs=None),
+    ]
+    recent = {name: runs("succeeded") for name in ("a", HOSTILE, "b", "failing", "stale")}
+
+    def rendered(limit: int) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+        document = page.render(
+            page.PageData(
+                checks={"database": None},
+                tenants=rows,
+                now=NOW,
+                history=some_history(recent),
+                detailed_tenants=limit,
+            )
+        )
+        assert "<script" not in document
+        tree = Tree(document)
+        detailed = [el.attrs["data-tenant"] for el in tree.root.with_class("tenant")]
+        others = {el.attrs["data-tenant"]: el for el in tree.root.with_class("other")}
+        groups = {el.attrs["data-group"]: el for el in tree.root.with_class("group")}
+        # Every tenant once: in full or by name.
+        assert sorted([*detailed, *others]) == sorted(str(r["tenant"]) for r in rows)
+        # The history is read for the detailed tenants alone, and they alone have charts.
+        assert detailed == page.detailed(rows, NOW, limit)
+        charted = [name for name in detailed if name in recent]
+        assert len(tree.root.find_all("svg", data_chart="recent-duration")) == len(charted)
+        return detailed, others, groups
+
+    detailed, others, groups = rendered(3)
+    assert detailed == ["failing", "stale", "a"]  # problems first, then the config's order
+    assert list(groups) == ["succeeded", "none"]
+    assert {el.attrs["data-tenant"] for el in groups["succeeded"].with_class("other")} == {
+        HOSTILE,
+        "b",
+    }
+    assert groups["succeeded"].with_class("badge")[0].text() == "succeeded"
+    assert groups["none"].with_class("badge")[0].text() == "not run yet"
+    assert others[HOSTILE].text() == HOSTILE
+    assert "stale" not in others["b"].classes()
+
+    # More problems than room: the rest are listed under their status, marked.
+    detailed, others, groups = rendered(1)
+    assert detailed == ["failing"]
+    assert list(groups) == ["partial", "succeeded", "none"]
+    assert "stale" in others["stale"].classes()
+
+    # Below the limit nothing is summarized.
+    assert not rendered(page.DETAILED_TENANTS)[1]
+
+
 # --- helpers -----------------------------------------------------------------------------
 
 

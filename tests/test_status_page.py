@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import db, history, web
+from syncd import db, history, page, web
 from syncd import simulator as sim
 from syncd.sync import sync_tenant
 from tests.fixtures.helpers import tenant_for
@@ -121,7 +121,7 @@ async def test_a_slow_history_read_does_not_hold_the_page(
 ) -> None:
     monkeypatch.setattr(web, "PAGE_HISTORY_TIMEOUT_S", 0.05)
 
-    async def never(names: Sequence[str]) -> history.History:
+    async def never(names: Sequence[str], *, recent_of: Sequence[str]) -> history.History:
         await asyncio.sleep(3600)
         raise AssertionError("unreachable")
 
@@ -136,3 +136,20 @@ async def test_page_scrubs_known_secrets() -> None:
         view, scrub=lambda value: value.replace("s3cr3t-key", "[REDACTED]")
     )
     assert status == 200 and "s3cr3t-key" not in text and "[REDACTED]" in text
+
+
+async def test_the_last_runs_are_read_for_the_detailed_tenants_alone() -> None:
+    asked: list[tuple[list[str], list[str]]] = []
+
+    async def recording(names: Sequence[str], *, recent_of: Sequence[str]) -> history.History:
+        asked.append((list(names), list(recent_of)))
+        return history.History(hours=history.fill_hours([], datetime.now(UTC)), recent={})
+
+    names = [f"tenant-{index:03d}" for index in range(page.DETAILED_TENANTS + 10)]
+    view = StaticView(rows(*names) + rows("failing", last_status="failed"))
+    status, _, text = await get_page(view, read_history=recording)
+    assert status == 200
+    # Every tenant's 24 hours; the last runs of the failing one and the first others.
+    assert asked == [([*names, "failing"], ["failing", *names[: page.DETAILED_TENANTS - 1]])]
+    assert len(Tree(text).root.with_class("tenant")) == page.DETAILED_TENANTS
+    assert len(Tree(text).root.with_class("other")) == 11

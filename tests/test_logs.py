@@ -1,0 +1,36 @@
+"""The secret scrubber: with many secrets known, its quick check changes no result."""
+
+from __future__ import annotations
+
+import random
+
+from syncd import logs
+
+
+def _naive(secrets: list[str], text: str) -> str:
+    for secret in sorted(set(secrets), key=lambda secret: (-len(secret), secret)):
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+def test_many_secrets_are_scrubbed_as_each_one_would_be() -> None:
+    rnd = random.Random(3)
+    alphabet = "abcdef0123-"
+    secrets = ["".join(rnd.choices(alphabet, k=rnd.randint(4, 40))) for _ in range(300)]
+    # A secret inside another, and one that is a prefix of another.
+    secrets += ["key-0001-long-secret", "0001-long", "key-0001"]
+    scrubber = logs.SecretScrubber()
+    scrubber.register(secrets)
+    scrubber.register(["abc"])  # too short: ignored
+    texts = ["", "abc", "tenant-0001", "the key key-0001-long-secret was refused", "x" * 5000]
+    for _ in range(2000):
+        parts = [
+            rnd.choice(secrets) if rnd.random() < 0.2 else "".join(rnd.choices(alphabet, k=5))
+            for _ in range(rnd.randint(0, 6))
+        ]
+        texts.append("".join(parts))
+    texts.append("y" * 4000 + secrets[0] + "y" * 200)  # past the quick check's length
+    for text in texts:
+        assert scrubber.scrub(text) == _naive(secrets, text), text
+    assert scrubber.scrub("key-0001-long-secret") == "[redacted]"
+    assert scrubber.scrub("tenant-0001 is fine") == "tenant-0001 is fine"
