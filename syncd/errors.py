@@ -30,7 +30,8 @@ def clean_text(text: str, *, limit: int = MESSAGE_MAX_CHARS) -> str:
     Server- and tenant-supplied text is data: an escape sequence must not reach a terminal,
     and a 5 MB message must not become a 5 MB log line, database value or HTTP body.
     """
-    text = _CONTROL_RE.sub("", _WHITESPACE_RE.sub(" ", text))
+    if not text.isprintable():  # every character either pattern matches is unprintable
+        text = _CONTROL_RE.sub("", _WHITESPACE_RE.sub(" ", text))
     if len(text) <= limit:
         return text
     return text[: limit - 1] + "\u2026"

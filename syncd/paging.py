@@ -586,27 +586,28 @@ def _value(
     value = item.get(key)
     if value is None:
         return None
-    where = f"data[{index}].{key}"
     if kind is FieldType.BOOL:
         if type(value) is not bool:
-            raise problem(where, f"not a boolean: {_preview(value)}")
+            raise problem(f"data[{index}].{key}", f"not a boolean: {_preview(value)}")
         return value
     if kind is FieldType.INT:
         if type(value) is not int or not -_INT_BOUND <= value < _INT_BOUND:
-            raise problem(where, f"not a 64-bit integer: {_preview(value)}")
+            raise problem(f"data[{index}].{key}", f"not a 64-bit integer: {_preview(value)}")
         return value
     if not isinstance(value, str):
-        raise problem(where, f"not a string: {_preview(value)}")
+        raise problem(f"data[{index}].{key}", f"not a string: {_preview(value)}")
     if kind is FieldType.UUID:
         lowered = value.lower()
         if _UUID_RE.fullmatch(lowered) is None:
-            raise problem(where, f"not a UUID: {_preview(value)}")
+            raise problem(f"data[{index}].{key}", f"not a UUID: {_preview(value)}")
         return lowered
     if kind is FieldType.TIMESTAMP:
         try:
             moment = datetime.fromisoformat(value)
         except ValueError:
-            raise problem(where, f"not an ISO 8601 timestamp: {_preview(value)}") from None
+            raise problem(
+                f"data[{index}].{key}", f"not an ISO 8601 timestamp: {_preview(value)}"
+            ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
         try:
