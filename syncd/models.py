@@ -37,12 +37,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SCHEMA = "syncd"
 
-# VSPC never issues the nil UUID; links store it for "no uniqueJobUid" so that the pair's
-# identity is four plain NOT NULL columns: equality joins and a plain unique index work, where
-# NULL would need IS NOT DISTINCT FROM (no hash joins) or NULLS NOT DISTINCT. The views turn it
-# back into NULL.
-NO_UNIQUE_JOB_UID = "00000000-0000-0000-0000-000000000000"
-
 
 class RunStatus(enum.StrEnum):
     """How a tenant's run stands or ended: the one list of run statuses.

@@ -61,8 +61,12 @@ class Record:
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _UUID_LEN = 36
 UUID_BYTES = 16
+# VSPC never issues the nil UUID; links store it for "no uniqueJobUid" so that the pair's
+# identity is four plain NOT NULL columns: equality joins and a plain unique index work, where
+# NULL would need IS NOT DISTINCT FROM (no hash joins) or NULLS NOT DISTINCT. The views turn it
+# back into NULL.
 NIL_BYTES = bytes(UUID_BYTES)
-_NIL_TEXT = str(UUID(bytes=NIL_BYTES))
+NO_UNIQUE_JOB_UID = str(UUID(bytes=NIL_BYTES))
 DIGEST_BYTES = 16
 # A record's three string objects and the record itself, beyond their characters.
 _RECORD_OVERHEAD_BYTES = 4 * 56
@@ -486,7 +490,7 @@ def _pair_block(data: list[object], problem: _ProblemFactory) -> PairBlock:
         uniques = _packed_uuids(
             "\n".join(
                 [
-                    _NIL_TEXT if (unique := item.get("uniqueJobUid")) is None else unique  # type: ignore[attr-defined]
+                    NO_UNIQUE_JOB_UID if (unique := item.get("uniqueJobUid")) is None else unique  # type: ignore[attr-defined]
                     for item in data
                 ]
             ),

@@ -74,21 +74,10 @@ def test_the_limit_asks_for_the_pages_syncd_asks_for() -> None:
             ), (total, page_size)
 
 
-@pytest.mark.slow
-def test_benchmark_reports_every_phase_and_figure(pg_server_url: str, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+def run_benchmark(pg_server_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m benchmarks.sync ARGS` against the test server; asserts it exited 0."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.sync",
-            "--tenants=2",
-            "--pairs-per-tenant=200",
-            "--repeat=1",
-            "--bloat-rounds=1",
-            "--in-process-syncs",
-            f"--json={out}",
-        ],
+        [sys.executable, "-m", "benchmarks.sync", *args],
         env={**os.environ, "SYNCD_BENCH_DATABASE_URL": pg_server_url},
         cwd=REPO,
         capture_output=True,
@@ -97,6 +86,21 @@ def test_benchmark_reports_every_phase_and_figure(pg_server_url: str, tmp_path: 
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_benchmark_reports_every_phase_and_figure(pg_server_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run_benchmark(
+        pg_server_url,
+        "--tenants=2",
+        "--pairs-per-tenant=200",
+        "--repeat=1",
+        "--bloat-rounds=1",
+        "--in-process-syncs",
+        f"--json={out}",
+    )
     assert "initial sync" in result.stdout and "targets" in result.stdout
 
     report = orjson.loads(out.read_bytes())
@@ -163,24 +167,9 @@ def _title(phase: str) -> str:
 def test_the_scaling_study_compares_time_per_link(pg_server_url: str, tmp_path: Path) -> None:
     # Tiny sizes, only so that --scaling cannot rot; its real sizes take minutes.
     out = tmp_path / "scaling.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.sync",
-            "--scaling",
-            "--scaling-sizes=2x100,4x50",
-            "--repeat=1",
-            f"--json={out}",
-        ],
-        env={**os.environ, "SYNCD_BENCH_DATABASE_URL": pg_server_url},
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
+    result = run_benchmark(
+        pg_server_url, "--scaling", "--scaling-sizes=2x100,4x50", "--repeat=1", f"--json={out}"
     )
-    assert result.returncode == 0, result.stdout + result.stderr
     assert "scaling targets" in result.stdout
 
     scaling = orjson.loads(out.read_bytes())["scaling"]
