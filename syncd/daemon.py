@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import config, db, errors, history, logs, metrics, scheduler, store, sync, web
+from syncd import config, db, errors, history, logs, metrics, scheduler, store, sync, vspc, web
 
 log = structlog.get_logger(__name__)
 
@@ -179,6 +179,7 @@ class Daemon:
             )
 
             replica = self._cfg.daemon.replica()
+            pool = await stack.enter_async_context(vspc.open_http_pool())
 
             async def sync_one(tenant: config.Tenant) -> sync.SyncResult:
                 return await sync.sync_tenant(
@@ -187,6 +188,7 @@ class Daemon:
                     observer=self._metrics,
                     scrubber=self._scrubber,
                     replica=replica,
+                    pool=pool,
                 )
 
             self._scheduler = await stack.enter_async_context(

@@ -27,20 +27,51 @@ _MIN_SECRET_CHARS = 4
 _PREFIX_CHARS = 8
 _FEW_SECRETS = 16
 _SHORT_TEXT_CHARS = 4096  # longer texts are few, and each substring costs a string
+TOKEN_MEMORY = 4096
 
 
 class SecretScrubber:
-    """A structlog processor that replaces known secret values wherever they appear."""
+    """A structlog processor that replaces known secret values wherever they appear.
+
+    Two kinds of secret: the configuration's (`register`), kept for the process's life,
+    and tokens a server issues (`register_tokens`), of which the newest `TOKEN_MEMORY` are
+    kept: a daemon is issued new tokens every run for years, and a token that many grants
+    old has long expired or been rotated away.
+    """
 
     def __init__(self) -> None:
+        self._configured: frozenset[str] = frozenset()
+        self._tokens: dict[str, None] = {}  # insertion order: the oldest first
         self._secrets: tuple[str, ...] = ()
         self._prefix_chars = _MIN_SECRET_CHARS
         self._prefixes: frozenset[str] = frozenset()
 
     def register(self, secrets: Iterable[str]) -> None:
-        """Adds secret values to scrub (values shorter than 4 characters are ignored)."""
-        known = set(self._secrets)
-        known.update(secret for secret in secrets if len(secret) >= _MIN_SECRET_CHARS)
+        """Adds configured secret values (shorter than 4 characters: ignored)."""
+        new = {secret for secret in secrets if len(secret) >= _MIN_SECRET_CHARS}
+        if new <= self._configured:
+            return  # every run registers its tenant's secrets again: keep that cheap
+        self._configured |= new
+        self._rebuild()
+
+    def register_tokens(self, tokens: Iterable[str]) -> None:
+        """Adds tokens issued by a server (access and refresh tokens), forgetting the
+        oldest beyond `TOKEN_MEMORY`."""
+        added = False
+        for token in tokens:
+            if len(token) >= _MIN_SECRET_CHARS and token not in self._configured:
+                if token in self._tokens:
+                    del self._tokens[token]  # issued again: now the newest
+                else:
+                    added = True
+                self._tokens[token] = None
+        while len(self._tokens) > TOKEN_MEMORY:
+            del self._tokens[next(iter(self._tokens))]
+        if added:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        known = self._configured.union(self._tokens)
         # Longest first, so a secret containing another is replaced whole; then by value, so
         # that two overlapping secrets are scrubbed alike in every process.
         self._secrets = tuple(sorted(known, key=lambda secret: (-len(secret), secret)))

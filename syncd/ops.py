@@ -235,7 +235,7 @@ async def check_tenant(
     secrets.register(tenant.secrets())
     first, *others = collections.by_names(tenant.settings.collections)
     try:
-        async with vspc.open_client(_quick(tenant), on_secret=secrets.register) as client:
+        async with vspc.open_client(_quick(tenant), on_secret=secrets.register_tokens) as client:
             answers = [await _first_page(client, first)]
             answers += await asyncio.gather(*(_first_page_of_other(client, c) for c in others))
     except errors.TenantError as exc:

@@ -12,6 +12,7 @@ Driver errors are recognised in one place, `db.is_database_error`, and turned in
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -92,15 +93,22 @@ class ApplyResult:
         return self.present_before + self.added - self.removed
 
 
+@functools.lru_cache(maxsize=256)
+def _sql(statement: str) -> sa.TextClause:
+    """`sa.text(statement)`, built once per statement: each build parses the text for
+    bind parameters, and a small tenant's run is mostly these statements."""
+    return sa.text(statement)
+
+
 async def _scalar(connection: AsyncConnection, statement: str, **params: Any) -> Any:
-    result = await connection.execute(sa.text(statement), params)
+    result = await connection.execute(_sql(statement), params)
     return result.scalar_one()
 
 
 async def ensure_tenant(connection: AsyncConnection, name: str) -> int:
     """The tenant's id, creating its row on first sight."""
     await connection.execute(
-        sa.text("INSERT INTO syncd.tenants (name) VALUES (:name) ON CONFLICT (name) DO NOTHING"),
+        _sql("INSERT INTO syncd.tenants (name) VALUES (:name) ON CONFLICT (name) DO NOTHING"),
         {"name": name},
     )
     tenant_id: int = await _scalar(
@@ -189,13 +197,13 @@ def _ending(update: str) -> str:
 async def rebuild_run_hours(connection: AsyncConnection) -> None:
     """Recomputes the hourly rollup from `syncd.runs`, as the migration that created it did:
     for runs recorded past this module (imports, seeds, benchmarks). The caller commits."""
-    await connection.execute(sa.text("DELETE FROM syncd.run_hours"))
+    await connection.execute(_sql("DELETE FROM syncd.run_hours"))
     # A year of runs makes millions of groups: room to hash them in memory, for this
     # transaction only.
-    await connection.execute(sa.text("SET LOCAL work_mem = '256MB'"))
+    await connection.execute(_sql("SET LOCAL work_mem = '256MB'"))
     # Sorted into the key's order, as the migration's backfill: see there why.
     await connection.execute(
-        sa.text(
+        _sql(
             _ADD_TO_RUN_HOURS.format(
                 source=f"(SELECT {_ENDED} FROM syncd.runs WHERE status <> 'running') runs",
                 order="ORDER BY 1, 2, 3",
@@ -211,7 +219,7 @@ async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, re
     know of the tenant's past: one statement."""
     row = (
         await connection.execute(
-            sa.text(
+            _sql(
                 f"""
                 WITH abandoned AS (
                     UPDATE syncd.runs SET status = :failed, finished_at = now(),
@@ -273,7 +281,7 @@ async def prepare_staging(connection: AsyncConnection) -> None:
     )
     # One round trip for all (a run of a small tenant is mostly round trips).
     await connection.execute(
-        sa.text(
+        _sql(
             f"DO $$ BEGIN {pair_tables} "
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {CATALOG_STAGING} ("
             "collection text NOT NULL, uid uuid NOT NULL, attributes jsonb NOT NULL, "
@@ -286,7 +294,7 @@ async def prepare_staging(connection: AsyncConnection) -> None:
     ):
         # A run on this connection ended without clearing them (e.g. the clear failed).
         tables = ", ".join(f"pg_temp.{table}" for table in _STAGING_TABLES)
-        await connection.execute(sa.text(f"TRUNCATE {tables}"))
+        await connection.execute(_sql(f"TRUNCATE {tables}"))
 
 
 async def clear_staging(connection: AsyncConnection) -> None:
@@ -298,7 +306,7 @@ async def clear_staging(connection: AsyncConnection) -> None:
         "END IF;"
         for table in _STAGING_TABLES
     )
-    await connection.execute(sa.text(f"DO $$ BEGIN {checks} END $$"))
+    await connection.execute(_sql(f"DO $$ BEGIN {checks} END $$"))
 
 
 def pair_copy_data(blocks: Sequence[PairBlock]) -> bytes:
@@ -363,7 +371,7 @@ async def prepare_apply(connection: AsyncConnection) -> None:
       without the other, and the next run syncs again what was lost.
     """
     await connection.execute(
-        sa.text(
+        _sql(
             "SELECT set_config('syncd.applying', 'on', true), set_config('jit', 'off', true), "
             "set_config('synchronous_commit', 'off', true)"
         )
@@ -389,7 +397,7 @@ async def apply_snapshot(
     """
     row = (
         await connection.execute(
-            sa.text(
+            _sql(
                 f"""
                 WITH diff AS MATERIALIZED (
                     SELECT o.id AS link_id, s.job_uid, s.linked_job_uid, s.unique_job_uid
@@ -481,7 +489,7 @@ async def apply_catalog_closes(
     """
     rows = (
         await connection.execute(
-            sa.text(
+            _sql(
                 f"""
                 WITH diff AS MATERIALIZED (
                     SELECT o.id, o.collection AS stored_in, o.attributes AS old_attributes,
@@ -555,7 +563,7 @@ async def apply_catalog_opens(
     inserted, per collection."""
     rows = (
         await connection.execute(
-            sa.text(
+            _sql(
                 f"""
                 WITH added AS (
                     INSERT INTO syncd.catalog_items (tenant_id, collection, uid, attributes,
@@ -678,7 +686,7 @@ async def finish_run(
     the run's hour in `syncd.run_hours`, in one statement, whatever the collection count.
     `reset_baseline` starts the mass-delete guard's baseline afresh at this run."""
     await connection.execute(
-        sa.text(
+        _sql(
             f"""
             WITH tenant AS (
                 UPDATE syncd.tenants
@@ -737,7 +745,7 @@ async def save_confirmed(
         return
     names = list(confirm)
     await connection.execute(
-        sa.text(
+        _sql(
             """
             WITH forgotten AS (
                 DELETE FROM syncd.confirmed_snapshots
@@ -775,7 +783,7 @@ async def fail_run(
 ) -> None:
     """Marks a still-running run `failed` with `error` (the caller commits)."""
     await connection.execute(
-        sa.text(
+        _sql(
             _ending(
                 "UPDATE syncd.runs SET status = :failed, finished_at = now(), error = :error, "
                 "pages_fetched = :pages_fetched WHERE id = :run_id AND status = :running"
@@ -798,7 +806,7 @@ async def read_tenant_status(engine: AsyncEngine) -> list[status.TenantStatus]:
         async with engine.connect() as connection:
             rows = (
                 await connection.execute(
-                    sa.text(
+                    _sql(
                         """
                         SELECT ts.tenant, ts.last_run_at, ts.last_status, ts.last_success_at,
                                ts.current_pairs,
@@ -890,7 +898,7 @@ async def try_claim(
     """
     row = (
         await connection.execute(
-            sa.text(
+            _sql(
                 f"""
                 WITH target AS (
                     SELECT s.tenant_id, s.due_at, s.failures,
@@ -958,7 +966,7 @@ async def add_schedule(connection: AsyncConnection, tenant: str) -> None:
     """Gives a tenant seen for the first time its rows, due now (a no-op when it has them)."""
     tenant_id = await ensure_tenant(connection, tenant)
     await connection.execute(
-        sa.text(
+        _sql(
             "INSERT INTO syncd.schedule (tenant_id, due_at) VALUES (:tenant_id, now()) "
             "ON CONFLICT (tenant_id) DO NOTHING"
         ),
@@ -982,7 +990,7 @@ async def release_claim(
     tenant): then nothing changes, the new holder decides.
     """
     result = await connection.execute(
-        sa.text(
+        _sql(
             "UPDATE syncd.schedule SET due_at = :due_at, failures = :failures, "
             "schedule = :schedule, claimed_by = NULL, claimed_at = NULL, claimed_until = NULL "
             "WHERE tenant_id = :tenant_id AND claimed_by = :replica AND claimed_at = :claimed_at"

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import aiohttp
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -717,6 +718,7 @@ async def sync_tenant(
     progress: ProgressSink | None = None,
     scrubber: logs.SecretScrubber | None = None,
     replica: str | None = None,
+    pool: aiohttp.BaseConnector | None = None,
 ) -> SyncResult:
     """Syncs one tenant's snapshot into the database and records the run.
 
@@ -725,7 +727,9 @@ async def sync_tenant(
     all become a `failed` (or `partial`) result, recorded in the run's row once it exists.
     `scrubber` (the process's log scrubber) learns the tokens obtained during the run; the
     tenant's own secrets are scrubbed from every message whether or not it is given.
-    `replica` is recorded on the run (default: `config.default_replica_name()`).
+    `replica` is recorded on the run (default: `config.default_replica_name()`). `pool`
+    (`vspc.open_http_pool`) lends the run its HTTP connections; without it the run opens
+    its own.
     """
     started = time.monotonic()
     secrets = scrubber if scrubber is not None else logs.SecretScrubber()
@@ -755,7 +759,13 @@ async def sync_tenant(
                 )
                 return SyncResult(tenant=tenant.name, status=RunStatus.SKIPPED, error=BUSY)
             applied = await _fetch_and_apply(
-                active, tenant, observer, secrets.register, clean, allow_mass_delete
+                active,
+                tenant,
+                vspc.open_client(
+                    tenant, pool=pool, observer=observer, on_secret=secrets.register_tokens
+                ),
+                clean,
+                allow_mass_delete,
             )
     except _RunFailed as exc:
         return failed(exc.failure, exc.run_id, exc.pages_fetched)
@@ -795,21 +805,21 @@ async def sync_tenant(
 async def _fetch_and_apply(
     active: _ActiveRun,
     tenant: config.Tenant,
-    observer: vspc.RequestObserver | None,
-    on_secret: vspc.SecretSink,
+    client_session: contextlib.AbstractAsyncContextManager[vspc.VspcClient],
     clean: Callable[[str], str],
     allow_mass_delete: bool,
 ) -> _Applied:
     """Fetches the snapshots into staging and applies them, all within `run_timeout`;
     commits.
 
-    The run's messages (server text among them) pass through `clean` before they are stored.
+    `client_session` (`vspc.open_client`) is entered within the deadline. The run's
+    messages (server text among them) pass through `clean` before they are stored.
     """
     settings = tenant.settings
     deadline = asyncio.timeout(settings.run_timeout_s)
     try:
         async with deadline:
-            async with vspc.open_client(tenant, observer=observer, on_secret=on_secret) as client:
+            async with client_session as client:
                 fetched = await _fetch(client, active, collections.by_names(settings.collections))
             await active.stager.finish(fetched)
             applied = await _apply(active, fetched, settings, allow_mass_delete, clean)
@@ -934,6 +944,7 @@ async def sync_now(
     allow_mass_delete: bool = False,
     progress: ProgressSink | None = None,
     scrubber: logs.SecretScrubber | None = None,
+    pool: aiohttp.BaseConnector | None = None,
 ) -> SyncResult:
     """`sync_tenant` now, whatever the tenant's due time (`syncd sync`, a manual override),
     unless another process holds its claim (skipped as busy); then moves its due time, as
@@ -972,6 +983,7 @@ async def sync_now(
             progress=progress,
             scrubber=scrubber,
             replica=replica.name,
+            pool=pool,
         )
     except asyncio.CancelledError:
         await release(claims.Ended.NOT_RUN)  # still due: a daemon runs it
@@ -1005,6 +1017,7 @@ async def sync_tenants(
                 allow_mass_delete=allow_mass_delete,
                 progress=progress,
                 scrubber=scrubber,
+                pool=pool,
             )
         return await sync_tenant(
             tenant,
@@ -1012,10 +1025,12 @@ async def sync_tenants(
             allow_mass_delete=allow_mass_delete,
             progress=progress,
             scrubber=scrubber,
+            pool=pool,
         )
 
     def crashed(tenant: config.Tenant, exc: Exception) -> SyncResult:
         message = errors.clean_text(f"internal error: {type(exc).__name__}: {exc}")
         return SyncResult(tenant=tenant.name, status=RunStatus.FAILED, error=message)
 
-    return await run_each(tenants, one, max_concurrent=max_concurrent_tenants, on_crash=crashed)
+    async with vspc.open_http_pool() as pool:
+        return await run_each(tenants, one, max_concurrent=max_concurrent_tenants, on_crash=crashed)

@@ -100,14 +100,34 @@ Sleep = Callable[[float], Awaitable[None]]
 
 
 @asynccontextmanager
+async def open_http_pool() -> AsyncIterator[aiohttp.BaseConnector]:
+    """HTTP connections shared by every tenant's client of a process (`open_client`'s
+    `pool`), closed on exit.
+
+    Tenants on one VSPC server (accounts of one console) then reuse each other's keep-alive
+    connections instead of each run opening its own. aiohttp shares a connection only
+    between requests to the same host and port with the same TLS setting. The pool bounds
+    nothing itself: each client keeps its tenant to `max_concurrent_pages` pages in flight
+    (plus a token request), and the callers bound the tenants synced at once.
+    """
+    connector = aiohttp.TCPConnector(limit=0)
+    try:
+        yield connector
+    finally:
+        await connector.close()
+
+
+@asynccontextmanager
 async def open_client(
     tenant: config.Tenant,
     *,
+    pool: aiohttp.BaseConnector | None = None,
     observer: RequestObserver | None = None,
     on_secret: SecretSink = _ignore_secrets,
     sleep: Sleep = asyncio.sleep,
 ) -> AsyncIterator[VspcClient]:
-    """A client for `tenant`, owning one HTTP session that is closed on exit.
+    """A client for `tenant`, owning one HTTP session that is closed on exit; its
+    connections are `pool`'s (`open_http_pool`), or its own when no pool is given.
 
     `on_secret` receives each token the moment it arrives, before any use of it, so the
     scrubbers of logs, the database and the terminal know it. Raises
@@ -115,10 +135,10 @@ async def open_client(
     """
     settings = tenant.settings
     log = _log.bind(tenant=tenant.name)
+    tls = _ssl_setting(tenant)
     if not tenant.verify_tls:
         log.warning(f"TLS verification disabled for tenant {tenant.name}")
-    connector = aiohttp.TCPConnector(
-        ssl=_ssl_setting(tenant),
+    connector = pool or aiohttp.TCPConnector(
         # One more than the page workers, so a token refresh never waits for a page slot.
         limit_per_host=settings.max_concurrent_pages + 1,
     )
@@ -126,9 +146,14 @@ async def open_client(
         total=settings.request_timeout_s, sock_connect=settings.connect_timeout_s
     )
     async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, raise_for_status=False
+        connector=connector,
+        connector_owner=pool is None,
+        timeout=timeout,
+        raise_for_status=False,
     ) as session:
-        yield VspcClient(tenant, session, observer=observer, on_secret=on_secret, sleep=sleep)
+        yield VspcClient(
+            tenant, session, tls=tls, observer=observer, on_secret=on_secret, sleep=sleep
+        )
 
 
 class VspcClient:
@@ -139,6 +164,7 @@ class VspcClient:
         tenant: config.Tenant,
         session: aiohttp.ClientSession,
         *,
+        tls: ssl.SSLContext | bool = True,
         observer: RequestObserver | None = None,
         on_secret: SecretSink = _ignore_secrets,
         sleep: Sleep = asyncio.sleep,
@@ -148,6 +174,7 @@ class VspcClient:
         self._sleep = sleep
         self._settings = tenant.settings
         self._session = session
+        self._tls = tls
         self._observer: RequestObserver = observer or _NoObserver()
         self._root = URL(tenant.url.rstrip("/"))
         self._log = _log.bind(tenant=tenant.name)
@@ -217,7 +244,7 @@ class VspcClient:
             tenant=self._tenant.name, limit=limit, max_total=self._settings.max_total
         )
         offsets = tracker.start(first)
-        log.info("snapshot started", total=tracker.total, pages=len(offsets) + 1, page_size=limit)
+        log.debug("snapshot started", total=tracker.total, pages=len(offsets) + 1, page_size=limit)
         pending = iter(offsets)
         workers = min(self._settings.max_concurrent_pages, len(offsets))
         # Bounded: at most `workers` pages in flight plus `workers` waiting for on_page.
@@ -258,7 +285,8 @@ class VspcClient:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         outcome = tracker.outcome()
-        log.info(
+        # Debug: a run's one info line is its tenant's "sync finished"; problems warn below.
+        log.debug(
             "snapshot fetched",
             complete=outcome.complete,
             total=outcome.total,
@@ -447,7 +475,13 @@ class VspcClient:
             started = asyncio.get_running_loop().time()
         try:
             async with self._session.request(
-                method, url, params=params, data=form, headers=headers, allow_redirects=False
+                method,
+                url,
+                params=params,
+                data=form,
+                headers=headers,
+                allow_redirects=False,
+                ssl=self._tls,
             ) as response:
                 status, response_headers = response.status, response.headers
                 body = await self._read_body(response, where)

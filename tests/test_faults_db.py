@@ -423,3 +423,27 @@ async def test_disk_full(
     async with engine.begin() as connection:
         await connection.execute(sa.text("ALTER TABLE syncd.links SET TABLESPACE pg_default"))
         await connection.execute(sa.text(f"ALTER DATABASE {database} RESET temp_tablespaces"))
+
+
+async def test_pooled_connections_the_server_closed_are_replaced_without_a_ping(
+    db_url: str, engine: AsyncEngine
+) -> None:
+    # The pool does not ping (three round trips per checkout); a connection the server
+    # closed while it sat in the pool must still never be handed out.
+    async with db.open_engine(db_url, application_name=SYNC_APPLICATION_NAME) as pooled:
+        async with pooled.connect() as connection:
+            before = await connection.scalar(sa.text("SELECT pg_backend_pid()"))
+        killed = await fetch_all(engine, "SELECT pg_terminate_backend(:pid)", pid=before)
+        assert killed == [(True,)]
+
+        async def gone() -> bool | None:
+            rows = await fetch_all(
+                engine, "SELECT 1 FROM pg_stat_activity WHERE pid = :pid", pid=before
+            )
+            return True if not rows else None
+
+        await wait_for(gone, what="the backend to exit")
+        await asyncio.sleep(0.05)  # the close reaches the idle connection's reader
+        async with pooled.connect() as connection:
+            after = await connection.scalar(sa.text("SELECT pg_backend_pid()"))
+        assert after != before

@@ -34,3 +34,22 @@ def test_many_secrets_are_scrubbed_as_each_one_would_be() -> None:
         assert scrubber.scrub(text) == _naive(secrets, text), text
     assert scrubber.scrub("key-0001-long-secret") == "[redacted]"
     assert scrubber.scrub("tenant-0001 is fine") == "tenant-0001 is fine"
+
+
+def test_issued_tokens_are_remembered_up_to_a_bound_and_configured_secrets_for_good() -> None:
+    # A daemon is issued new tokens every run for years: the scrubber must not grow with them.
+    scrubber = logs.SecretScrubber()
+    scrubber.register(["configured-api-key"])
+    tokens = [f"access-token-{n:06d}" for n in range(logs.TOKEN_MEMORY + 500)]
+    for first in range(0, len(tokens), 2):
+        scrubber.register_tokens(tokens[first : first + 2])
+    scrubber.register_tokens([tokens[-2]])  # issued again: nothing new
+    assert scrubber.scrub(tokens[499]) == tokens[499]  # the oldest 500 were forgotten
+    assert scrubber.scrub(tokens[500]) == "[redacted]"
+    scrubber.register_tokens([tokens[0]])  # forgotten, issued again: the newest now
+    assert scrubber.scrub(tokens[0]) == "[redacted]"
+    assert scrubber.scrub(tokens[500]) == tokens[500]
+    assert scrubber.scrub(tokens[-1]) == "[redacted]"
+    assert scrubber.scrub("key configured-api-key") == "key [redacted]"
+    remembered = [t for t in tokens if scrubber.scrub(t) != t]
+    assert len(remembered) == logs.TOKEN_MEMORY

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import config, db, models
+from syncd import config, db, models, sync
 from syncd import simulator as sim
 from syncd.sync import SyncResult, sync_tenant
 from tests.fixtures.fault_helpers import pairs_outside
@@ -467,3 +467,21 @@ async def test_reporting_views_have_the_contract_columns(engine: AsyncEngine) ->
             view=view,
         )
         assert found == columns, view
+
+
+async def test_tenants_of_one_server_share_its_connections(
+    sim_state: sim.SimulatorState, simulator: str, sync_engine: AsyncEngine
+) -> None:
+    # One run after another: each reuses the keep-alive connections of the runs before it
+    # rather than opening its own (a thousand small tenants paid a connect per request slot).
+    tenants = [
+        tenant_for(sim_state.tenants[name], simulator, max_concurrent_pages=2)
+        for name in sorted(sim_state.tenants)
+    ]
+    assert len(tenants) >= 3
+    results = await sync.sync_tenants(tenants, sync_engine, max_concurrent_tenants=1)
+    assert {result.status for result in results} == {models.RunStatus.SUCCEEDED}
+    peers = {record.peer for record in sim_state.request_log}
+    assert None not in peers
+    assert len(sim_state.request_log) > 3 * len(peers)
+    assert len(peers) <= 2  # the page slots of one run at a time

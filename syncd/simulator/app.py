@@ -58,6 +58,7 @@ class _Api:
             query=dict(request.query),
             headers=headers,
             started_at=time.monotonic(),
+            peer=_peer(request),
         )
         self.state.request_log.append(record)
         try:
@@ -282,3 +283,8 @@ async def cmd_simulate(args: argparse.Namespace, scrubber: object) -> int:
         host=args.host, port=args.port, tenants=args.tenants, pairs=args.pairs, seed=args.seed
     )
     return 0
+
+
+def _peer(request: web.Request) -> str | None:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return None if not peer else f"{peer[0]}:{peer[1]}"

@@ -38,7 +38,8 @@ _ISSUED_TOKENS_KEPT = 10_000
 class RequestRecord:
     """One request as the simulator saw it. `status` stays 0 until it is answered (or forever,
     when the client gave up first). The Authorization value is redacted; `credential` says
-    which kind authenticated the request: "api_key", "access_token" or None."""
+    which kind authenticated the request: "api_key", "access_token" or None. `peer` is the
+    client's "host:port", one per connection."""
 
     method: str
     path: str
@@ -49,6 +50,7 @@ class RequestRecord:
     credential: str | None = None
     started_at: float = 0.0
     duration_s: float = 0.0
+    peer: str | None = None  # the client's address and port: one per connection
 
 
 @dataclass
