@@ -139,7 +139,9 @@ class Daemon:
         # Alembic announces its context at INFO on every schema check: noise in a daemon.
         logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
         with self._signal_handlers(loop):
-            async with db.open_configured_engine(self._cfg, data_dir) as engine:
+            async with db.open_configured_engine(
+                self._cfg, data_dir, synchronous_commit=False
+            ) as engine:
                 await self.serve(engine, host, port)
         log.info("syncd stopped")
         return errors.EXIT_OK

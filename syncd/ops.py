@@ -74,7 +74,7 @@ async def cmd_sync(
             "--allow-mass-delete needs --tenant NAME: allow it one tenant at a time"
         )
     out = console.make_console()
-    async with db.open_migrated_engine(cfg, args.data_dir) as engine:
+    async with db.open_migrated_engine(cfg, args.data_dir, synchronous_commit=False) as engine:
         results = await console.sync_with_progress(
             out,
             tenants,

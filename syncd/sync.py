@@ -230,7 +230,7 @@ class _Stager:
         self._lock = asyncio.Lock()
         self._states: dict[str, _Staging] = {}
         self.pages = 0
-        # Staging tables were readied this run (and need emptying after it).
+        # Staging tables were readied this run.
         self.staged = False
         # Collections whose snapshot equals their confirmed one (set by `finish`).
         self.unchanged: dict[str, store.ConfirmedSnapshot] = {}
@@ -382,7 +382,6 @@ async def _run_lifecycle(
         if not locked:
             yield None
             return
-        stager: _Stager | None = None
         try:
             with db.database_errors("cannot record the run"):
                 run = await store.start_run(connection, tenant_id, tenant.name, replica)
@@ -410,10 +409,7 @@ async def _run_lifecycle(
                 raise _RunFailed(failure, run.id, stager.pages) from exc
         finally:
             try:
-                await connection.rollback()
-                if stager is not None and stager.staged:
-                    await store.clear_staging(connection)
-                    await connection.commit()
+                await connection.rollback()  # staging empties itself at the transaction's end
                 await store.unlock(connection, tenant_id)
             except Exception:
                 # Back in the pool, the connection would keep the tenant locked: end its

@@ -447,3 +447,13 @@ async def test_pooled_connections_the_server_closed_are_replaced_without_a_ping(
         async with pooled.connect() as connection:
             after = await connection.scalar(sa.text("SELECT pg_backend_pid()"))
         assert after != before
+
+
+async def test_sync_sessions_commit_without_waiting_for_the_wal_flush(db_url: str) -> None:
+    for synchronous, expected in ((True, "on"), (False, "off")):
+        async with (
+            db.open_engine(db_url, synchronous_commit=synchronous) as engine,
+            engine.connect() as connection,
+        ):
+            setting = await connection.scalar(sa.text("SHOW synchronous_commit"))
+        assert setting == expected

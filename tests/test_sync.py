@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import config, db, models, sync
@@ -485,3 +486,16 @@ async def test_tenants_of_one_server_share_its_connections(
     assert None not in peers
     assert len(sim_state.request_log) > 3 * len(peers)
     assert len(peers) <= 2  # the page slots of one run at a time
+
+
+async def test_staging_is_empty_once_the_run_ends(
+    sim_state: sim.SimulatorState, simulator: str, db_url: str
+) -> None:
+    # Staging lives as long as the pooled connection; nothing empties it but the end of the
+    # run's transaction, so the connection's next run starts from empty tables.
+    async with db.open_engine(db_url, pool_size=1) as engine:
+        result = await run_sync(sim_state, simulator, engine)
+        assert result.status == "succeeded" and result.added
+        async with engine.connect() as connection:
+            staged = await connection.scalar(sa.text("SELECT count(*) FROM pg_temp.syncd_staging"))
+        assert staged == 0
