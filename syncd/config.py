@@ -234,6 +234,7 @@ class DatabaseConfig(_Model):
 
     url: SecretStr | None = None
     pool_size: Annotated[int, Field(ge=1, le=500)] | None = None
+    max_concurrent_applies: Annotated[int, Field(ge=1, le=1000)] = 2
     statement_timeout_s: Duration = Field(default=600.0, alias="statement_timeout")
     connect_timeout_s: Duration = Field(default=10.0, alias="connect_timeout")
 

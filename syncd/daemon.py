@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import config, db, errors, history, logs, metrics, scheduler, store, sync, vspc, web
+from syncd import config, db, errors, history, logs, metrics, scheduler, store, sync, web
 
 log = structlog.get_logger(__name__)
 
@@ -181,7 +181,9 @@ class Daemon:
             )
 
             replica = self._cfg.daemon.replica()
-            pool = await stack.enter_async_context(vspc.open_http_pool())
+            shared = await stack.enter_async_context(
+                sync.open_shared(self._cfg.database.max_concurrent_applies)
+            )
 
             async def sync_one(tenant: config.Tenant) -> sync.SyncResult:
                 return await sync.sync_tenant(
@@ -190,7 +192,7 @@ class Daemon:
                     observer=self._metrics,
                     scrubber=self._scrubber,
                     replica=replica,
-                    pool=pool,
+                    shared=shared,
                 )
 
             self._scheduler = await stack.enter_async_context(

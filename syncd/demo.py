@@ -182,7 +182,11 @@ def _quiet_logs() -> Iterator[None]:
 
 async def _sync_round(out: Console, cfg: config.Config, engine: AsyncEngine) -> list[SyncResult]:
     return await console.sync_with_progress(
-        out, list(cfg.tenants), engine, max_concurrent_tenants=cfg.daemon.max_concurrent_tenants
+        out,
+        list(cfg.tenants),
+        engine,
+        max_concurrent_tenants=cfg.daemon.max_concurrent_tenants,
+        max_concurrent_applies=cfg.database.max_concurrent_applies,
     )
 
 

@@ -80,6 +80,7 @@ async def cmd_sync(
             tenants,
             engine,
             max_concurrent_tenants=cfg.daemon.max_concurrent_tenants,
+            max_concurrent_applies=cfg.database.max_concurrent_applies,
             allow_mass_delete=args.allow_mass_delete,
             scrubber=scrubber,
             replica=claims.Replica.of(cfg.daemon),

@@ -615,6 +615,15 @@ def _run_error(results: Mapping[str, CollectionResult]) -> str | None:
     return "; ".join(f"{', '.join(names)}: {message}" for message, names in by_message.items())
 
 
+def _diffs_anything(active: _ActiveRun, fetched: Sequence[_Fetched]) -> bool:
+    """Whether some fetched collection differs from its confirmed snapshot (and so must be
+    diffed against what is stored); else the run only records itself."""
+    unchanged = active.stager.unchanged
+    return any(
+        item.outcome is not None and item.collection.name not in unchanged for item in fetched
+    )
+
+
 async def _apply(
     active: _ActiveRun,
     fetched: Sequence[_Fetched],
@@ -623,9 +632,8 @@ async def _apply(
     clean: Callable[[str], str],
 ) -> _Applied:
     """Applies every collection that was fetched (uncommitted) and sums up the run."""
-    unchanged = active.stager.unchanged
-    if all(item.outcome is None or item.collection.name in unchanged for item in fetched):
-        applied = await _apply_all(active, fetched, withheld={})  # nothing to diff
+    if not _diffs_anything(active, fetched):
+        applied = await _apply_all(active, fetched, withheld={})
     elif allow_mass_delete:
         await store.prepare_apply(active.connection)
         applied = await _apply_all(active, fetched, withheld={})
@@ -705,6 +713,26 @@ def _confirmations(
 # --- the one entry point -------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Shared:
+    """What the runs of one process share (`open_shared`)."""
+
+    http: aiohttp.BaseConnector
+    """HTTP connections (`vspc.open_http_pool`)."""
+    apply_slots: asyncio.Semaphore
+    """Runs that may diff and write at once: bulk writes of more runs than the database
+    has cores only contend (for the same index pages and the table's end) and go slower
+    in sum."""
+
+
+@contextlib.asynccontextmanager
+async def open_shared(max_concurrent_applies: int) -> AsyncIterator[Shared]:
+    """The resources a process's runs share, for as long as it syncs (`[database]
+    max_concurrent_applies` bounds the runs applying at once)."""
+    async with vspc.open_http_pool() as http:
+        yield Shared(http, asyncio.Semaphore(max_concurrent_applies))
+
+
 async def sync_tenant(
     tenant: config.Tenant,
     engine: AsyncEngine,
@@ -714,7 +742,7 @@ async def sync_tenant(
     progress: ProgressSink | None = None,
     scrubber: logs.SecretScrubber | None = None,
     replica: str | None = None,
-    pool: aiohttp.BaseConnector | None = None,
+    shared: Shared | None = None,
 ) -> SyncResult:
     """Syncs one tenant's snapshot into the database and records the run.
 
@@ -723,9 +751,9 @@ async def sync_tenant(
     all become a `failed` (or `partial`) result, recorded in the run's row once it exists.
     `scrubber` (the process's log scrubber) learns the tokens obtained during the run; the
     tenant's own secrets are scrubbed from every message whether or not it is given.
-    `replica` is recorded on the run (default: `config.default_replica_name()`). `pool`
-    (`vspc.open_http_pool`) lends the run its HTTP connections; without it the run opens
-    its own.
+    `replica` is recorded on the run (default: `config.default_replica_name()`). `shared`
+    (`open_shared`) lends the run the process's HTTP connections and apply slots; without
+    it the run opens its own connections and applies unbounded by other runs.
     """
     started = time.monotonic()
     secrets = scrubber if scrubber is not None else logs.SecretScrubber()
@@ -758,8 +786,12 @@ async def sync_tenant(
                 active,
                 tenant,
                 vspc.open_client(
-                    tenant, pool=pool, observer=observer, on_secret=secrets.register_tokens
+                    tenant,
+                    pool=None if shared is None else shared.http,
+                    observer=observer,
+                    on_secret=secrets.register_tokens,
                 ),
+                None if shared is None else shared.apply_slots,
                 clean,
                 allow_mass_delete,
             )
@@ -802,14 +834,16 @@ async def _fetch_and_apply(
     active: _ActiveRun,
     tenant: config.Tenant,
     client_session: contextlib.AbstractAsyncContextManager[vspc.VspcClient],
+    apply_slots: asyncio.Semaphore | None,
     clean: Callable[[str], str],
     allow_mass_delete: bool,
 ) -> _Applied:
     """Fetches the snapshots into staging and applies them, all within `run_timeout`;
     commits.
 
-    `client_session` (`vspc.open_client`) is entered within the deadline. The run's
-    messages (server text among them) pass through `clean` before they are stored.
+    `client_session` (`vspc.open_client`) is entered within the deadline; a run with
+    anything to diff waits for one of `apply_slots` to apply it. The run's messages
+    (server text among them) pass through `clean` before they are stored.
     """
     settings = tenant.settings
     deadline = asyncio.timeout(settings.run_timeout_s)
@@ -818,34 +852,36 @@ async def _fetch_and_apply(
             async with client_session as client:
                 fetched = await _fetch(client, active, collections.by_names(settings.collections))
             await active.stager.finish(fetched)
-            applied = await _apply(active, fetched, settings, allow_mass_delete, clean)
-            confirm, forget = _confirmations(
-                fetched, applied.collections, active.stager.unchanged, active.run.confirmed
-            )
-            await store.save_confirmed(
-                active.connection, active.run, confirm=confirm, forget=forget
-            )
-            _log_availability(tenant.name, active.run.unavailable_before, applied.unavailable)
-            await store.finish_run(
-                active.connection,
-                active.run,
-                store.RunTotals(
-                    status=applied.status,
-                    pages_fetched=active.stager.pages,
-                    pairs_seen=applied.pairs_seen,
-                    added=applied.added,
-                    removed=applied.removed,
-                    error=applied.error,
-                    current_pairs=applied.current_pairs,
-                    collections={
-                        name: result.as_json() for name, result in applied.collections.items()
-                    },
-                    confirmed=applied.confirmed,
-                    unavailable=applied.unavailable,
-                ),
-                reset_baseline=allow_mass_delete and applied.status is RunStatus.SUCCEEDED,
-            )
-            await active.connection.commit()
+            slot = apply_slots if _diffs_anything(active, fetched) else None
+            async with slot or contextlib.nullcontext():
+                applied = await _apply(active, fetched, settings, allow_mass_delete, clean)
+                confirm, forget = _confirmations(
+                    fetched, applied.collections, active.stager.unchanged, active.run.confirmed
+                )
+                await store.save_confirmed(
+                    active.connection, active.run, confirm=confirm, forget=forget
+                )
+                _log_availability(tenant.name, active.run.unavailable_before, applied.unavailable)
+                await store.finish_run(
+                    active.connection,
+                    active.run,
+                    store.RunTotals(
+                        status=applied.status,
+                        pages_fetched=active.stager.pages,
+                        pairs_seen=applied.pairs_seen,
+                        added=applied.added,
+                        removed=applied.removed,
+                        error=applied.error,
+                        current_pairs=applied.current_pairs,
+                        collections={
+                            name: result.as_json() for name, result in applied.collections.items()
+                        },
+                        confirmed=applied.confirmed,
+                        unavailable=applied.unavailable,
+                    ),
+                    reset_baseline=allow_mass_delete and applied.status is RunStatus.SUCCEEDED,
+                )
+                await active.connection.commit()
     except TimeoutError as exc:
         if not deadline.expired():
             raise
@@ -940,7 +976,7 @@ async def sync_now(
     allow_mass_delete: bool = False,
     progress: ProgressSink | None = None,
     scrubber: logs.SecretScrubber | None = None,
-    pool: aiohttp.BaseConnector | None = None,
+    shared: Shared | None = None,
 ) -> SyncResult:
     """`sync_tenant` now, whatever the tenant's due time (`syncd sync`, a manual override),
     unless another process holds its claim (skipped as busy); then moves its due time, as
@@ -979,7 +1015,7 @@ async def sync_now(
             progress=progress,
             scrubber=scrubber,
             replica=replica.name,
-            pool=pool,
+            shared=shared,
         )
     except asyncio.CancelledError:
         await release(claims.Ended.NOT_RUN)  # still due: a daemon runs it
@@ -993,12 +1029,14 @@ async def sync_tenants(
     engine: AsyncEngine,
     *,
     max_concurrent_tenants: int,
+    max_concurrent_applies: int = config.DatabaseConfig().max_concurrent_applies,
     allow_mass_delete: bool = False,
     progress: ProgressSink | None = None,
     scrubber: logs.SecretScrubber | None = None,
     replica: claims.Replica | None = None,
 ) -> list[SyncResult]:
-    """Syncs `tenants` concurrently, at most `max_concurrent_tenants` at once.
+    """Syncs `tenants` concurrently, at most `max_concurrent_tenants` at once and
+    `max_concurrent_applies` of them applying at once (`open_shared`).
 
     With `replica`, through `sync_now`: claimed, and their due times moved (`syncd sync`);
     without, plainly (the demo and the benchmarks own their database).
@@ -1013,7 +1051,7 @@ async def sync_tenants(
                 allow_mass_delete=allow_mass_delete,
                 progress=progress,
                 scrubber=scrubber,
-                pool=pool,
+                shared=shared,
             )
         return await sync_tenant(
             tenant,
@@ -1021,12 +1059,12 @@ async def sync_tenants(
             allow_mass_delete=allow_mass_delete,
             progress=progress,
             scrubber=scrubber,
-            pool=pool,
+            shared=shared,
         )
 
     def crashed(tenant: config.Tenant, exc: Exception) -> SyncResult:
         message = errors.clean_text(f"internal error: {type(exc).__name__}: {exc}")
         return SyncResult(tenant=tenant.name, status=RunStatus.FAILED, error=message)
 
-    async with vspc.open_http_pool() as pool:
+    async with open_shared(max_concurrent_applies) as shared:
         return await run_each(tenants, one, max_concurrent=max_concurrent_tenants, on_crash=crashed)

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from syncd import db
+from syncd import db, sync
 from syncd import simulator as sim
 from syncd.sync import SyncResult, sync_tenant
 from tests.fixtures.database import admin
@@ -457,3 +457,37 @@ async def test_sync_sessions_commit_without_waiting_for_the_wal_flush(db_url: st
         ):
             setting = await connection.scalar(sa.text("SHOW synchronous_commit"))
         assert setting == expected
+
+
+async def test_runs_beyond_max_concurrent_applies_wait_their_turn(
+    sim_state: sim.SimulatorState, simulator: str, sync_engine: AsyncEngine, engine: AsyncEngine
+) -> None:
+    tenants = [tenant_for(sim_state.tenants[name], simulator) for name in sorted(sim_state.tenants)]
+
+    async def blocked_writers() -> int:
+        rows = await fetch_all(
+            engine,
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND application_name = :app AND datname = current_database()",
+            app=SYNC_APPLICATION_NAME,
+        )
+        return int(rows[0][0])
+
+    # A reporting job's lock holds the first apply; the other runs fetch and stage, then
+    # wait for its slot rather than pile onto the table.
+    async with _holding(engine, "LOCK TABLE syncd.links IN EXCLUSIVE MODE"):
+        task = asyncio.create_task(
+            sync.sync_tenants(
+                tenants, sync_engine, max_concurrent_tenants=len(tenants), max_concurrent_applies=1
+            )
+        )
+        assert await wait_for(blocked_writers, what="a run to wait for the table") == 1
+        for _ in range(25):  # the other runs' pages arrive within milliseconds
+            await asyncio.sleep(0.02)
+            assert await blocked_writers() == 1
+    results = await asyncio.wait_for(task, 30)
+    assert [result.status for result in results] == ["succeeded"] * len(tenants)
+    for tenant in tenants:
+        assert await current_pairs(engine, tenant.name) == expected_pairs(
+            sim_state.tenants[tenant.name]
+        )
