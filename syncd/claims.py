@@ -254,7 +254,7 @@ async def claim(
     """
     sent_s = 0.0
     with db.database_errors("cannot claim the tenant"):
-        async with engine.begin() as connection:
+        async with db.autocommit(engine) as connection:
 
             async def attempt() -> store.ClaimRow | None:
                 nonlocal sent_s
@@ -321,7 +321,7 @@ async def release(
         max_backoff_factor=replica.max_failure_backoff_factor,
     )
     with db.database_errors("cannot release the tenant's claim"):
-        async with engine.begin() as connection:
+        async with db.autocommit(engine) as connection:
             released = await store.release_claim(
                 connection,
                 look.tenant_id,

@@ -16,7 +16,7 @@ import asyncpg
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 import syncd
 from syncd import config, embedded, errors, models
@@ -146,6 +146,15 @@ def _drop_closed_connection(dbapi_connection: Any, record: Any, proxy: Any) -> N
     """
     if dbapi_connection.driver_connection.is_closed():
         raise sa.exc.DisconnectionError("the database closed this pooled connection")
+
+
+@contextlib.asynccontextmanager
+async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection on which each statement commits by itself: no BEGIN and COMMIT
+    round trips around statements that are atomic alone (a small tenant's run is mostly
+    round trips)."""
+    async with engine.connect() as connection:
+        yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
 
 @contextlib.asynccontextmanager
