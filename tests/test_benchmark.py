@@ -14,7 +14,7 @@ import asyncpg
 import orjson
 import pytest
 
-from benchmarks import limit
+from benchmarks import limit, load_floor
 from syncd import collections, paging
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,8 +49,9 @@ FIGURES = (
 )
 
 
-def test_the_limit_imports_nothing_of_syncd_or_the_benchmarks() -> None:
-    tree = ast.parse(Path(limit.__file__).read_text(encoding="utf-8"))
+@pytest.mark.parametrize("module", [limit, load_floor], ids=["limit", "load_floor"])
+def test_the_yardsticks_import_nothing_of_syncd_or_the_benchmarks(module: object) -> None:
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))  # type: ignore[attr-defined]
     imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -179,3 +180,26 @@ def test_the_scaling_study_compares_time_per_link(pg_server_url: str, tmp_path: 
         assert set(size["us_per_link"]) == {"limit_fetch_copy", "initial", "noop", "churn"}
         assert all(value is not None for value in size["per_link_vs_first"].values())
     assert [target["limit"] for target in scaling["targets"]] == [1.15] * 3
+
+
+def test_the_load_floor_loads_every_row_with_each_session_count(db_url: str) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.load_floor",
+            f"--database-url={db_url}",
+            "--tenants=3",
+            "--pairs-per-tenant=50",
+            "--sessions=1,2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert [f["sessions"] for f in figures] == [1, 2]
+    assert all(f["rows"] == 150 and f["seconds"] > 0 for f in figures)
