@@ -229,12 +229,15 @@ SYNC_KEYS: frozenset[str] = frozenset(
 _FIELD_OF_KEY = {field.alias or name: name for name, field in SyncSettings.model_fields.items()}
 
 
+DEFAULT_MAX_CONCURRENT_APPLIES = 2
+
+
 class DatabaseConfig(_Model):
     """`[database]`: where syncd keeps its copy. No url: an embedded PostgreSQL."""
 
     url: SecretStr | None = None
     pool_size: Annotated[int, Field(ge=1, le=500)] | None = None
-    max_concurrent_applies: Annotated[int, Field(ge=1, le=1000)] = 2
+    max_concurrent_applies: Annotated[int, Field(ge=1, le=1000)] = DEFAULT_MAX_CONCURRENT_APPLIES
     statement_timeout_s: Duration = Field(default=600.0, alias="statement_timeout")
     connect_timeout_s: Duration = Field(default=10.0, alias="connect_timeout")
 

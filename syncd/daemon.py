@@ -55,7 +55,12 @@ def restart_needed(
     keys = []
     if new.database.url != running.database.url:
         keys.append("database.url")
-    other_database = {"pool_size", "statement_timeout_s", "connect_timeout_s"}
+    other_database = {
+        "pool_size",
+        "max_concurrent_applies",
+        "statement_timeout_s",
+        "connect_timeout_s",
+    }
     keys.extend(
         f"database.{name}"
         for name in sorted(other_database)

@@ -7,6 +7,7 @@ of it on exit; everything else receives it as an argument.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,10 @@ def alembic_config(connection: Connection | None = None) -> AlembicConfig:
     return alembic_cfg
 
 
+PING_IDLE_AFTER_S = 60.0
+"""A pooled connection idle longer than this is pinged before use (`_Liveness`)."""
+
+
 def statement_timeout_setting(timeout_s: float) -> str:
     """PostgreSQL's `statement_timeout` (whole milliseconds) for `timeout_s`.
 
@@ -120,7 +125,7 @@ async def open_engine(
         pool_size=pool_size,
         max_overflow=2,
         # Instead of pool_pre_ping's three round trips per checkout (BEGIN, a ping,
-        # ROLLBACK: most of a small tenant's run), `_drop_closed_connection`.
+        # ROLLBACK: most of a small tenant's run), `_Liveness`.
         pool_pre_ping=False,
         pool_recycle=3600,
         connect_args={
@@ -128,24 +133,43 @@ async def open_engine(
             "server_settings": server_settings,
         },
     )
-    sa.event.listen(engine.sync_engine, "checkout", _drop_closed_connection)
+    liveness = _Liveness(engine.dialect)
+    sa.event.listen(engine.sync_engine, "checkin", liveness.checkin)
+    sa.event.listen(engine.sync_engine, "checkout", liveness.checkout)
     try:
         yield engine
     finally:
         await engine.dispose()
 
 
-def _drop_closed_connection(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-    """Makes the pool replace a connection the server has closed (a restart, an idle
-    timeout, `pg_terminate_backend`) before handing it out.
+class _Liveness:
+    """Makes the pool replace a dead connection before handing it out, with a round trip
+    only for a connection that sat idle long.
 
-    The driver learns of the close as soon as it arrives (it reads every connection, idle
-    ones too), so no round trip is needed to see it. A connection cut without a close
-    fails its first statement instead; that run fails as a database failure and the pool
-    discards the connection.
+    A connection the server closed (a restart, an idle timeout, `pg_terminate_backend`) is
+    seen without one: the driver reads every connection, idle ones too, and learns of the
+    close as it arrives. One that was cut without a close (a NAT or load balancer dropping
+    idle flows, often after 4-6 minutes) looks alive, so a connection idle for longer than
+    `PING_IDLE_AFTER_S` is pinged first; between a daemon's runs most are. A connection
+    that fails its ping, or dies unseen in between, fails its run's first statement as a
+    database failure, and the pool discards it.
     """
-    if dbapi_connection.driver_connection.is_closed():
-        raise sa.exc.DisconnectionError("the database closed this pooled connection")
+
+    def __init__(self, dialect: sa.Dialect) -> None:
+        self._dialect = dialect
+
+    def checkin(self, dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if dbapi_connection.driver_connection.is_closed():
+            raise sa.exc.DisconnectionError("the database closed this pooled connection")
+        idle_since = record.info.get("idle_since")
+        if idle_since is not None and time.monotonic() - idle_since > PING_IDLE_AFTER_S:
+            try:
+                self._dialect.do_ping(dbapi_connection)
+            except Exception as exc:
+                raise sa.exc.DisconnectionError("a pooled connection did not answer") from exc
 
 
 @contextlib.asynccontextmanager

@@ -9,9 +9,12 @@ logs secrets on purpose, and this catches the accident.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import logging
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -34,14 +37,16 @@ class SecretScrubber:
     """A structlog processor that replaces known secret values wherever they appear.
 
     Two kinds of secret: the configuration's (`register`), kept for the process's life,
-    and tokens a server issues (`register_tokens`), of which the newest `TOKEN_MEMORY` are
-    kept: a daemon is issued new tokens every run for years, and a token that many grants
-    old has long expired or been rotated away.
+    and tokens a server issues (`register_tokens`). A daemon is issued new tokens every run
+    for years, so of those no longer in use only the newest `TOKEN_MEMORY` are kept; a
+    token in use, one issued to a client that is still open (`issued_tokens`), is always
+    kept, however many were issued since.
     """
 
     def __init__(self) -> None:
         self._configured: frozenset[str] = frozenset()
         self._tokens: dict[str, None] = {}  # insertion order: the oldest first
+        self._in_use: collections.Counter[str] = collections.Counter()
         self._secrets: tuple[str, ...] = ()
         self._prefix_chars = _MIN_SECRET_CHARS
         self._prefixes: frozenset[str] = frozenset()
@@ -56,7 +61,7 @@ class SecretScrubber:
 
     def register_tokens(self, tokens: Iterable[str]) -> None:
         """Adds tokens issued by a server (access and refresh tokens), forgetting the
-        oldest beyond `TOKEN_MEMORY`."""
+        oldest not in use beyond `TOKEN_MEMORY`."""
         added = False
         for token in tokens:
             if len(token) >= _MIN_SECRET_CHARS and token not in self._configured:
@@ -65,10 +70,37 @@ class SecretScrubber:
                 else:
                     added = True
                 self._tokens[token] = None
-        while len(self._tokens) > TOKEN_MEMORY:
-            del self._tokens[next(iter(self._tokens))]
-        if added:
+        if self._forget_beyond_memory() or added:
             self._rebuild()
+
+    @contextlib.contextmanager
+    def issued_tokens(self) -> Iterator[Callable[[Iterable[str]], None]]:
+        """A sink for the tokens one client is issued (`vspc.open_client`'s `on_secret`):
+        they are kept at least until the block ends, then as `register_tokens` keeps them."""
+        issued: list[str] = []
+
+        def sink(tokens: Iterable[str]) -> None:
+            tokens = list(tokens)
+            issued.extend(tokens)
+            self._in_use.update(tokens)
+            self.register_tokens(tokens)
+
+        try:
+            yield sink
+        finally:
+            self._in_use.subtract(issued)
+            self._in_use = +self._in_use  # drops the counts that reached zero
+            if self._forget_beyond_memory():
+                self._rebuild()
+
+    def _forget_beyond_memory(self) -> bool:
+        excess = len(self._tokens) - TOKEN_MEMORY
+        if excess <= 0:
+            return False
+        unused = (token for token in self._tokens if not self._in_use[token])
+        for token in list(itertools.islice(unused, excess)):
+            del self._tokens[token]
+        return True
 
     def _rebuild(self) -> None:
         known = self._configured.union(self._tokens)

@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import aiohttp
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -717,7 +716,7 @@ def _confirmations(
 class Shared:
     """What the runs of one process share (`open_shared`)."""
 
-    http: aiohttp.BaseConnector
+    http: vspc.HttpPool
     """HTTP connections (`vspc.open_http_pool`)."""
     apply_slots: asyncio.Semaphore
     """Runs that may diff and write at once: bulk writes of more runs than the database
@@ -776,25 +775,28 @@ async def sync_tenant(
 
     try:
         replica = replica or config.default_replica_name()
-        async with _run_lifecycle(engine, tenant, clean, progress, replica) as active:
-            if active is None:
-                log.info(
-                    "tenant busy: another syncd process is syncing it; skipped", tenant=tenant.name
-                )
-                return SyncResult(tenant=tenant.name, status=RunStatus.SKIPPED, error=BUSY)
-            applied = await _fetch_and_apply(
-                active,
-                tenant,
-                vspc.open_client(
+        # The run's tokens stay known to the scrubber at least until its messages are clean.
+        with secrets.issued_tokens() as issued_tokens:
+            async with _run_lifecycle(engine, tenant, clean, progress, replica) as active:
+                if active is None:
+                    log.info(
+                        "tenant busy: another syncd process is syncing it; skipped",
+                        tenant=tenant.name,
+                    )
+                    return SyncResult(tenant=tenant.name, status=RunStatus.SKIPPED, error=BUSY)
+                applied = await _fetch_and_apply(
+                    active,
                     tenant,
-                    pool=None if shared is None else shared.http,
-                    observer=observer,
-                    on_secret=secrets.register_tokens,
-                ),
-                None if shared is None else shared.apply_slots,
-                clean,
-                allow_mass_delete,
-            )
+                    vspc.open_client(
+                        tenant,
+                        pool=None if shared is None else shared.http,
+                        observer=observer,
+                        on_secret=issued_tokens,
+                    ),
+                    None if shared is None else shared.apply_slots,
+                    clean,
+                    allow_mass_delete,
+                )
     except _RunFailed as exc:
         return failed(exc.failure, exc.run_id, exc.pages_fetched)
     except Exception as exc:  # before the run existed: the database, most likely
@@ -830,6 +832,10 @@ async def sync_tenant(
     return result
 
 
+# A run stopped by run_timeout says how long it queued for an apply slot, if this long.
+APPLY_WAIT_WORTH_TELLING_S = 1.0
+
+
 async def _fetch_and_apply(
     active: _ActiveRun,
     tenant: config.Tenant,
@@ -847,13 +853,17 @@ async def _fetch_and_apply(
     """
     settings = tenant.settings
     deadline = asyncio.timeout(settings.run_timeout_s)
+    queued_at: float | None = None  # while waiting for an apply slot: since when
+    slot_wait_s = 0.0  # how long the run waited for its apply slot
     try:
         async with deadline:
             async with client_session as client:
                 fetched = await _fetch(client, active, collections.by_names(settings.collections))
             await active.stager.finish(fetched)
             slot = apply_slots if _diffs_anything(active, fetched) else None
+            queued_at = time.monotonic()
             async with slot or contextlib.nullcontext():
+                slot_wait_s, queued_at = time.monotonic() - queued_at, None
                 applied = await _apply(active, fetched, settings, allow_mass_delete, clean)
                 confirm, forget = _confirmations(
                     fetched, applied.collections, active.stager.unchanged, active.run.confirmed
@@ -885,6 +895,17 @@ async def _fetch_and_apply(
     except TimeoutError as exc:
         if not deadline.expired():
             raise
+        if queued_at is not None:
+            slot_wait_s = time.monotonic() - queued_at
+        if slot_wait_s >= APPLY_WAIT_WORTH_TELLING_S:
+            raise errors.BoundExceeded(
+                f"tenant {tenant.name!r}: the run took longer than run_timeout "
+                f"({settings.run_timeout_s:g}s) and was stopped, nothing applied: it had "
+                f"waited {slot_wait_s:.0f}s for other runs to finish "
+                "applying; raise [database] max_concurrent_applies if the database server "
+                "has cores to spare, or [sync] run_timeout",
+                key="run_timeout",
+            ) from exc
         raise errors.BoundExceeded(
             f"tenant {tenant.name!r}: the run took longer than run_timeout "
             f"({settings.run_timeout_s:g}s) and was stopped, nothing applied; if the tenant "
@@ -1029,7 +1050,7 @@ async def sync_tenants(
     engine: AsyncEngine,
     *,
     max_concurrent_tenants: int,
-    max_concurrent_applies: int = config.DatabaseConfig().max_concurrent_applies,
+    max_concurrent_applies: int = config.DEFAULT_MAX_CONCURRENT_APPLIES,
     allow_mass_delete: bool = False,
     progress: ProgressSink | None = None,
     scrubber: logs.SecretScrubber | None = None,

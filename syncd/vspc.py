@@ -99,8 +99,12 @@ Sleep = Callable[[float], Awaitable[None]]
 """How the client waits between retries and polls (`asyncio.sleep`; tests pass a recorder)."""
 
 
+HttpPool = aiohttp.BaseConnector
+"""HTTP connections shared by the clients of a process (`open_http_pool`)."""
+
+
 @asynccontextmanager
-async def open_http_pool() -> AsyncIterator[aiohttp.BaseConnector]:
+async def open_http_pool() -> AsyncIterator[HttpPool]:
     """HTTP connections shared by every tenant's client of a process (`open_client`'s
     `pool`), closed on exit.
 
@@ -121,7 +125,7 @@ async def open_http_pool() -> AsyncIterator[aiohttp.BaseConnector]:
 async def open_client(
     tenant: config.Tenant,
     *,
-    pool: aiohttp.BaseConnector | None = None,
+    pool: HttpPool | None = None,
     observer: RequestObserver | None = None,
     on_secret: SecretSink = _ignore_secrets,
     sleep: Sleep = asyncio.sleep,

@@ -462,32 +462,48 @@ async def test_sync_sessions_commit_without_waiting_for_the_wal_flush(db_url: st
 async def test_runs_beyond_max_concurrent_applies_wait_their_turn(
     sim_state: sim.SimulatorState, simulator: str, sync_engine: AsyncEngine, engine: AsyncEngine
 ) -> None:
-    tenants = [tenant_for(sim_state.tenants[name], simulator) for name in sorted(sim_state.tenants)]
-
-    async def blocked_writers() -> int:
-        rows = await fetch_all(
-            engine,
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND application_name = :app AND datname = current_database()",
-            app=SYNC_APPLICATION_NAME,
-        )
-        return int(rows[0][0])
-
-    # A reporting job's lock holds the first apply; the other runs fetch and stage, then
-    # wait for its slot rather than pile onto the table.
+    tenants = [
+        tenant_for(sim_state.tenants[name], simulator, run_timeout="2s")
+        for name in sorted(sim_state.tenants)
+    ]
+    assert len(tenants) >= 3
+    # A reporting job's lock holds the first run's apply until run_timeout stops it; the
+    # others fetch and stage, then wait for its slot (not on the table) until theirs.
     async with _holding(engine, "LOCK TABLE syncd.links IN EXCLUSIVE MODE"):
-        task = asyncio.create_task(
+        results = await asyncio.wait_for(
             sync.sync_tenants(
                 tenants, sync_engine, max_concurrent_tenants=len(tenants), max_concurrent_applies=1
-            )
+            ),
+            30,
         )
-        assert await wait_for(blocked_writers, what="a run to wait for the table") == 1
-        for _ in range(25):  # the other runs' pages arrive within milliseconds
-            await asyncio.sleep(0.02)
-            assert await blocked_writers() == 1
-    results = await asyncio.wait_for(task, 30)
-    assert [result.status for result in results] == ["succeeded"] * len(tenants)
+    errors = sorted(result.error or "" for result in results)
+    assert [result.status for result in results] == ["failed"] * len(tenants)
+    assert all("longer than run_timeout (2s)" in error for error in errors), errors
+    waited = [error for error in errors if "waited" in error]
+    assert len(waited) == len(tenants) - 1, errors
+    assert all("raise [database] max_concurrent_applies" in error for error in waited)
+    healed = await sync.sync_tenants(tenants, sync_engine, max_concurrent_tenants=len(tenants))
+    assert [result.status for result in healed] == ["succeeded"] * len(tenants)
     for tenant in tenants:
         assert await current_pairs(engine, tenant.name) == expected_pairs(
             sim_state.tenants[tenant.name]
         )
+
+
+@pytest.mark.parametrize("idle_s, pinged", [(60.0, False), (0.0, True)])
+async def test_a_connection_idle_long_is_pinged_before_use(
+    db_url: str, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, idle_s: float, pinged: bool
+) -> None:
+    # A flow cut by a NAT or load balancer while idle looks alive to the driver: only a
+    # round trip shows it, so one is spent on connections idle longer than the threshold.
+    monkeypatch.setattr(db, "PING_IDLE_AFTER_S", idle_s)
+    async with db.open_engine(db_url, pool_size=1) as pooled:
+        async with db.autocommit(pooled) as connection:
+            pid = await connection.scalar(sa.text("SELECT pg_backend_pid() /* marker */"))
+        async with db.autocommit(pooled) as connection:
+            rows = await fetch_all(
+                engine, "SELECT query FROM pg_stat_activity WHERE pid = :pid", pid=pid
+            )
+            assert await connection.scalar(sa.text("SELECT pg_backend_pid()")) == pid
+    last_statement = rows[0][0]
+    assert ("marker" not in last_statement) is pinged, last_statement

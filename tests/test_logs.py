@@ -41,8 +41,8 @@ def test_issued_tokens_are_remembered_up_to_a_bound_and_configured_secrets_for_g
     scrubber = logs.SecretScrubber()
     scrubber.register(["configured-api-key"])
     tokens = [f"access-token-{n:06d}" for n in range(logs.TOKEN_MEMORY + 500)]
-    for first in range(0, len(tokens), 2):
-        scrubber.register_tokens(tokens[first : first + 2])
+    for first in range(0, len(tokens), 64):
+        scrubber.register_tokens(tokens[first : first + 64])
     scrubber.register_tokens([tokens[-2]])  # issued again: nothing new
     assert scrubber.scrub(tokens[499]) == tokens[499]  # the oldest 500 were forgotten
     assert scrubber.scrub(tokens[500]) == "[redacted]"
@@ -53,3 +53,19 @@ def test_issued_tokens_are_remembered_up_to_a_bound_and_configured_secrets_for_g
     assert scrubber.scrub("key configured-api-key") == "key [redacted]"
     remembered = [t for t in tokens if scrubber.scrub(t) != t]
     assert len(remembered) == logs.TOKEN_MEMORY
+
+
+def test_tokens_of_an_open_client_are_kept_however_many_are_issued_meanwhile() -> None:
+    scrubber = logs.SecretScrubber()
+    with scrubber.issued_tokens() as sink:
+        sink(["long-run-access-token", "long-run-refresh-token"])
+        # Other runs are issued many more tokens while this one goes on.
+        for first in range(0, logs.TOKEN_MEMORY + 100, 50):
+            scrubber.register_tokens([f"other-token-{n:06d}" for n in range(first, first + 50)])
+        assert scrubber.scrub("bearer long-run-access-token") == "bearer [redacted]"
+        assert scrubber.scrub("long-run-refresh-token") == "[redacted]"
+        assert scrubber.scrub("other-token-000000") == "other-token-000000"
+    # Closed: the oldest again, so forgotten with the next token issued.
+    scrubber.register_tokens(["one-more-token"])
+    assert scrubber.scrub("long-run-access-token") == "long-run-access-token"
+    assert scrubber.scrub("one-more-token") == "[redacted]"

@@ -92,7 +92,7 @@ def _config(**sections: object) -> config.Config:
 def test_restart_needed_names_settings_that_cannot_change_live() -> None:
     running = _config(database={"url": "postgresql://u@h/a"})
     new = _config(
-        database={"url": "postgresql://u@h/b", "pool_size": 3},
+        database={"url": "postgresql://u@h/b", "pool_size": 3, "max_concurrent_applies": 4},
         daemon={
             "listen": "127.0.0.1:1",
             "max_concurrent_tenants": 2,
@@ -102,6 +102,7 @@ def test_restart_needed_names_settings_that_cannot_change_live() -> None:
     )
     assert daemon.restart_needed(running, new, listen_overridden=False) == [
         "database.url",
+        "database.max_concurrent_applies",
         "database.pool_size",
         "daemon.listen",
         "daemon.max_concurrent_tenants",

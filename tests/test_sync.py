@@ -485,7 +485,7 @@ async def test_tenants_of_one_server_share_its_connections(
     peers = {record.peer for record in sim_state.request_log}
     assert None not in peers
     assert len(sim_state.request_log) > 3 * len(peers)
-    assert len(peers) <= 2  # the page slots of one run at a time
+    assert len(peers) <= 2  # the page slots of one run at a time (API keys: no token calls)
 
 
 async def test_staging_is_empty_once_the_run_ends(
