@@ -235,15 +235,17 @@ async def check_tenant(
     secrets = scrubber if scrubber is not None else logs.SecretScrubber()
     secrets.register(tenant.secrets())
     first, *others = collections.by_names(tenant.settings.collections)
-    try:
-        async with vspc.open_client(_quick(tenant), on_secret=secrets.register_tokens) as client:
-            answers = [await _first_page(client, first)]
-            answers += await asyncio.gather(*(_first_page_of_other(client, c) for c in others))
-    except errors.TenantError as exc:
-        result = _diagnose(tenant, exc)
-        return dataclasses.replace(
-            result, problem=errors.clean_text(secrets.scrub(result.problem or ""))
-        )
+    # The check's tokens stay known to the scrubber until its problem text is clean.
+    with secrets.issued_tokens() as issued_tokens:
+        try:
+            async with vspc.open_client(_quick(tenant), on_secret=issued_tokens) as client:
+                answers = [await _first_page(client, first)]
+                answers += await asyncio.gather(*(_first_page_of_other(client, c) for c in others))
+        except errors.TenantError as exc:
+            result = _diagnose(tenant, exc)
+            return dataclasses.replace(
+                result, problem=errors.clean_text(secrets.scrub(result.problem or ""))
+            )
     wanted = [first, *others]
     totals = [
         total

@@ -538,12 +538,12 @@ def _first_bad_item(data: list[object], problem: _ProblemFactory) -> errors.Page
             value = item.get(key)
             if value is None:
                 if key in _REQUIRED:
-                    return problem(f"data[{index}].{key}", "missing (required)")
+                    return problem(_field(index, key), "missing (required)")
                 continue
             if not isinstance(value, str):
-                return problem(f"data[{index}].{key}", f"not a string: {_preview(value)}")
+                return problem(_field(index, key), f"not a string: {_preview(value)}")
             if _UUID_RE.fullmatch(value.lower()) is None:
-                return problem(f"data[{index}].{key}", f"not a UUID: {_preview(value)}")
+                return problem(_field(index, key), f"not a UUID: {_preview(value)}")
     # Unreachable while _packed_uuids and this walk agree; kept so a bug cannot pass bad data.
     return problem("data", "items failed validation")
 
@@ -561,7 +561,7 @@ def _records(data: list[object], collection: Collection, problem: _ProblemFactor
             raise problem(f"data[{index}]", f"not an object: {_preview(item)}")
         uid = _value(item, identity.source, FieldType.UUID, index, problem)
         if uid is None:
-            raise problem(f"data[{index}].{identity.source}", "missing (required)")
+            raise problem(_field(index, identity.source), "missing (required)")
         attributes = _values(item, collection.descriptive, index, problem)
         volatile = _values(item, collection.volatile, index, problem)
         records.append(Record(str(uid), attributes, volatile))
@@ -592,25 +592,25 @@ def _value(
         return None
     if kind is FieldType.BOOL:
         if type(value) is not bool:
-            raise problem(f"data[{index}].{key}", f"not a boolean: {_preview(value)}")
+            raise problem(_field(index, key), f"not a boolean: {_preview(value)}")
         return value
     if kind is FieldType.INT:
         if type(value) is not int or not -_INT_BOUND <= value < _INT_BOUND:
-            raise problem(f"data[{index}].{key}", f"not a 64-bit integer: {_preview(value)}")
+            raise problem(_field(index, key), f"not a 64-bit integer: {_preview(value)}")
         return value
     if not isinstance(value, str):
-        raise problem(f"data[{index}].{key}", f"not a string: {_preview(value)}")
+        raise problem(_field(index, key), f"not a string: {_preview(value)}")
     if kind is FieldType.UUID:
         lowered = value.lower()
         if _UUID_RE.fullmatch(lowered) is None:
-            raise problem(f"data[{index}].{key}", f"not a UUID: {_preview(value)}")
+            raise problem(_field(index, key), f"not a UUID: {_preview(value)}")
         return lowered
     if kind is FieldType.TIMESTAMP:
         try:
             moment = datetime.fromisoformat(value)
         except ValueError:
             raise problem(
-                f"data[{index}].{key}", f"not an ISO 8601 timestamp: {_preview(value)}"
+                _field(index, key), f"not an ISO 8601 timestamp: {_preview(value)}"
             ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
@@ -619,6 +619,11 @@ def _value(
         except OverflowError:  # .NET's DateTime.MinValue/MaxValue with an offset: "never"
             return None
     return errors.clean_text(value, limit=collections.TEXT_MAX_CHARS)
+
+
+def _field(index: int, key: str) -> str:
+    """Where an item's field is, as a page problem names it (built only for a problem)."""
+    return f"data[{index}].{key}"
 
 
 def _preview(value: object) -> str:

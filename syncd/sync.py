@@ -897,19 +897,16 @@ async def _fetch_and_apply(
             raise
         if queued_at is not None:
             slot_wait_s = time.monotonic() - queued_at
-        if slot_wait_s >= APPLY_WAIT_WORTH_TELLING_S:
-            raise errors.BoundExceeded(
-                f"tenant {tenant.name!r}: the run took longer than run_timeout "
-                f"({settings.run_timeout_s:g}s) and was stopped, nothing applied: it had "
-                f"waited {slot_wait_s:.0f}s for other runs to finish "
-                "applying; raise [database] max_concurrent_applies if the database server "
-                "has cores to spare, or [sync] run_timeout",
-                key="run_timeout",
-            ) from exc
+        advice = (
+            f": it had waited {slot_wait_s:.0f}s for other runs to finish applying; raise "
+            "[database] max_concurrent_applies if the database server has cores to spare, "
+            "or [sync] run_timeout"
+            if slot_wait_s >= APPLY_WAIT_WORTH_TELLING_S
+            else "; if the tenant is that big or that slow, raise [sync] run_timeout"
+        )
         raise errors.BoundExceeded(
             f"tenant {tenant.name!r}: the run took longer than run_timeout "
-            f"({settings.run_timeout_s:g}s) and was stopped, nothing applied; if the tenant "
-            "is that big or that slow, raise [sync] run_timeout",
+            f"({settings.run_timeout_s:g}s) and was stopped, nothing applied{advice}",
             key="run_timeout",
         ) from exc
     return applied

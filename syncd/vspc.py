@@ -142,9 +142,11 @@ async def open_client(
     tls = _ssl_setting(tenant)
     if not tenant.verify_tls:
         log.warning(f"TLS verification disabled for tenant {tenant.name}")
-    connector = pool or aiohttp.TCPConnector(
+    connector = (
+        pool
+        if pool is not None
         # One more than the page workers, so a token refresh never waits for a page slot.
-        limit_per_host=settings.max_concurrent_pages + 1,
+        else aiohttp.TCPConnector(limit_per_host=settings.max_concurrent_pages + 1)
     )
     timeout = aiohttp.ClientTimeout(
         total=settings.request_timeout_s, sock_connect=settings.connect_timeout_s

@@ -75,10 +75,12 @@ def test_the_limit_asks_for_the_pages_syncd_asks_for() -> None:
             ), (total, page_size)
 
 
-def run_benchmark(pg_server_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m benchmarks.sync ARGS` against the test server; asserts it exited 0."""
+def run_benchmark(
+    pg_server_url: str, *args: str, module: str = "benchmarks.sync"
+) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ARGS` against the test server; asserts it exited 0."""
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.sync", *args],
+        [sys.executable, "-m", module, *args],
         env={**os.environ, "SYNCD_BENCH_DATABASE_URL": pg_server_url},
         cwd=REPO,
         capture_output=True,
@@ -182,24 +184,17 @@ def test_the_scaling_study_compares_time_per_link(pg_server_url: str, tmp_path: 
     assert [target["limit"] for target in scaling["targets"]] == [1.15] * 3
 
 
-def test_the_load_floor_loads_every_row_with_each_session_count(db_url: str) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.load_floor",
-            f"--database-url={db_url}",
-            "--tenants=3",
-            "--pairs-per-tenant=50",
-            "--sessions=1,2",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+def test_the_load_floor_loads_every_row_with_each_session_count(
+    pg_server_url: str, db_url: str
+) -> None:
+    result = run_benchmark(
+        pg_server_url,
+        f"--database-url={db_url}",
+        "--tenants=3",
+        "--pairs-per-tenant=50",
+        "--sessions=1,2",
+        module="benchmarks.load_floor",
     )
-    assert result.returncode == 0, result.stdout + result.stderr
     figures = [orjson.loads(line) for line in result.stdout.splitlines()]
     assert [f["sessions"] for f in figures] == [1, 2]
     assert all(f["rows"] == 150 and f["seconds"] > 0 for f in figures)
