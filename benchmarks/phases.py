@@ -37,7 +37,7 @@ import asyncpg
 import orjson
 import psutil  # type: ignore[import-untyped]
 
-from syncd import config, db, logs, models, paging, simulator, store, sync, vspc
+from syncd import config, db, logs, paging, schema, simulator, store, sync, vspc
 
 COPY_TABLE = "bench_copy"
 SYNCD_TABLES = ("links", "catalog_items", "runs", "tenants")
@@ -151,7 +151,7 @@ class PgProbe:
         rows = await self.connection.fetch(
             "SELECT relname, n_tup_ins + n_tup_upd + n_tup_del AS written "
             "FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = any($2::text[])",
-            models.SCHEMA,
+            schema.SCHEMA,
             list(SYNCD_TABLES),
         )
         written = dict.fromkeys(SYNCD_TABLES, 0)

@@ -54,7 +54,7 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from benchmarks.phases import SYNCD_TABLES, PgProbe, PhaseSpec
-from syncd import config, db, models, paging
+from syncd import config, db, models, paging, schema
 
 DATABASE_URL_ENV = "SYNCD_BENCH_DATABASE_URL"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -524,7 +524,7 @@ class Benchmark:
         await _execute(self.url, "CHECKPOINT")
         async with PgProbe.open(self.url) as probe:
             last_run_id = await probe.connection.fetchval(
-                f"SELECT coalesce(max(id), 0) FROM {models.SCHEMA}.runs"
+                f"SELECT coalesce(max(id), 0) FROM {schema.SCHEMA}.runs"
             )
             before = await probe.snapshot(settled=False)
             simulator_before = _cpu_s_of(self.simulator.pid)
@@ -647,7 +647,7 @@ class Benchmark:
 async def _sync_figures(connection: asyncpg.Connection, after_run_id: int) -> dict[str, Any]:
     """What the runs after `after_run_id` did, from `syncd.runs`."""
     rows = await connection.fetch(
-        f"SELECT status, pairs_seen, pairs_added, pairs_removed FROM {models.SCHEMA}.runs "
+        f"SELECT status, pairs_seen, pairs_added, pairs_removed FROM {schema.SCHEMA}.runs "
         "WHERE id > $1",
         after_run_id,
     )

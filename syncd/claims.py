@@ -31,7 +31,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import config, db, store
-from syncd.models import RunStatus
+from syncd.status import RunStatus
 
 if TYPE_CHECKING:
     from apscheduler.triggers.cron import CronTrigger

@@ -17,7 +17,7 @@ from rich.text import Text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import claims, config, errors, logs, sync
-from syncd.models import RunStatus
+from syncd.status import RunStatus
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 import syncd
-from syncd import config, embedded, errors, models
+from syncd import config, embedded, errors, schema
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -239,7 +239,7 @@ class SchemaState:
         return self.current == self.head
 
 
-_VERSION_TABLE = f"{models.SCHEMA}.alembic_version"
+_VERSION_TABLE = f"{schema.SCHEMA}.alembic_version"
 
 
 async def schema_state(engine: AsyncEngine) -> SchemaState:

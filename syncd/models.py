@@ -9,11 +9,14 @@ One generic table (`catalog_items`) holds every catalog collection (jobs, backup
 organizations: see `collections.py`) as versions: descriptive fields in `attributes`, a new
 row when they change; volatile fields in `volatile`, updated in place when they change. A new
 catalog collection is a spec and a migration adding its views, not a new table.
+
+Alembic's environment and the tests read these definitions; the commands never import this
+module (building the ORM's classes is a few percent of a command's start-up): the names they
+need are in `schema`, the run statuses in `status`.
 """
 
 from __future__ import annotations
 
-import enum
 import uuid
 from datetime import datetime
 
@@ -35,21 +38,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA = "syncd"
-
-
-class RunStatus(enum.StrEnum):
-    """How a tenant's run stands or ended: the one list of run statuses.
-
-    `skipped` is never stored: another process held the tenant, so no run row exists.
-    """
-
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    PARTIAL = "partial"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-
+from syncd.schema import SCHEMA
+from syncd.status import RunStatus
 
 STORED_RUN_STATUSES = (
     RunStatus.RUNNING,
@@ -287,19 +277,3 @@ class CatalogItemRow(Base):
     valid_to: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     opened_run_id: Mapped[int] = mapped_column(BigInteger)
     closed_run_id: Mapped[int | None] = mapped_column(BigInteger)
-
-
-# The reporting views: a public contract (names and columns are used by reporting tools).
-REPORTING_VIEWS = (
-    "job_links_current",
-    "job_links_history",
-    "job_link_changes",
-    "sync_runs",
-    "tenant_status",
-    "jobs_current",
-    "jobs_history",
-    "backup_servers_current",
-    "organizations_current",
-    "job_links_named",
-    "unprotected_jobs",
-)

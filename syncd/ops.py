@@ -31,13 +31,13 @@ from syncd import (
     db,
     errors,
     logs,
-    models,
+    schema,
     status,
     store,
     sync,
     vspc,
 )
-from syncd.models import RunStatus
+from syncd.status import RunStatus
 
 # `check` is interactive: a dead server should be reported in seconds, not after the full
 # retry budget a scheduled sync deserves.
@@ -465,11 +465,11 @@ async def grant_reader(engine: AsyncEngine, role: str) -> list[str]:
         database = await connection.scalar(sa.text("SELECT current_database()"))
         grantee = quote(role)
         views = ", ".join(
-            f"{quote(models.SCHEMA)}.{quote(view)}" for view in models.REPORTING_VIEWS
+            f"{quote(schema.SCHEMA)}.{quote(view)}" for view in schema.REPORTING_VIEWS
         )
         statements = [
             f"GRANT CONNECT ON DATABASE {quote(str(database))} TO {grantee}",
-            f"GRANT USAGE ON SCHEMA {quote(models.SCHEMA)} TO {grantee}",
+            f"GRANT USAGE ON SCHEMA {quote(schema.SCHEMA)} TO {grantee}",
             f"GRANT SELECT ON {views} TO {grantee}",
         ]
         for statement in statements:
@@ -487,8 +487,8 @@ async def cmd_grant_reader(
     for statement in statements:
         print(f"{statement};")
     print(
-        f"role {args.role!r} may now SELECT {', '.join(models.REPORTING_VIEWS)} in schema "
-        f"{models.SCHEMA}, and nothing else there. Run this again after upgrading syncd: a "
+        f"role {args.role!r} may now SELECT {', '.join(schema.REPORTING_VIEWS)} in schema "
+        f"{schema.SCHEMA}, and nothing else there. Run this again after upgrading syncd: a "
         "migration that recreates a view drops its grants."
     )
     return errors.EXIT_OK

@@ -36,7 +36,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import claims, config, errors, metrics, status, sync
-from syncd.models import RunStatus
+from syncd.status import RunStatus
 from syncd.sync import SyncResult
 
 log = structlog.get_logger(__name__)

@@ -8,12 +8,24 @@ look). Both speak one JSON form, `TenantStatus.as_json`.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from syncd.models import RunStatus
+
+class RunStatus(enum.StrEnum):
+    """How a tenant's run stands or ended: the one list of run statuses.
+
+    `skipped` is never stored: another process held the tenant, so no run row exists.
+    """
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    SKIPPED = "skipped"
 
 
 def iso(moment: datetime | None) -> str | None:

@@ -25,8 +25,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from syncd import collections, db, errors, status
-from syncd.models import RunStatus
 from syncd.paging import UUID_BYTES, PairBlock, Record, SnapshotKey
+from syncd.status import RunStatus
 
 # Advisory lock namespace ("SYNC"); the second key is the tenant's id.
 LOCK_NAMESPACE = 1398361667

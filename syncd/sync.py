@@ -34,8 +34,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from syncd import claims, collections, config, db, errors, logs, store, vspc
 from syncd.collections import Collection, Kind
 from syncd.collections import Status as CollectionStatus
-from syncd.models import RunStatus
 from syncd.paging import Page, PairBlock, Record, SnapshotOutcome
+from syncd.status import RunStatus
 
 log = structlog.get_logger(__name__)
 

@@ -30,6 +30,9 @@ NOT_FOR_ONE_SHOT_COMMANDS = (
     "syncd.metrics",
     "syncd.simulator",
     "syncd.demo",
+    # The ORM's table classes: Alembic's environment reads them, the commands need only the
+    # names in syncd.schema.
+    "syncd.models",
 )
 
 

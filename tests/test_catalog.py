@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from syncd import collections, db, errors, metrics, ops, paging, store, sync
 from syncd import simulator as sim
 from syncd.collections import Status
-from syncd.models import RunStatus
+from syncd.status import RunStatus
 from syncd.sync import CollectionResult, SyncResult, sync_tenant
 from tests.fixtures.fault_helpers import assert_history_sound
 from tests.fixtures.helpers import (

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from syncd import claims, config, db, store, sync
 from syncd import simulator as sim
 from syncd.claims import Ended, Outcome
-from syncd.models import RunStatus
+from syncd.status import RunStatus
 from tests.fixtures.helpers import fetch_all, tenant_for
 
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import cli, config, metrics, models
+from syncd import cli, config, metrics, schema
 from syncd import simulator as sim
 from syncd.sync import sync_tenant
 from tests.fixtures.helpers import tenant_for
@@ -532,14 +532,14 @@ async def test_readme_documents_every_view_column(engine: AsyncEngine) -> None:
                 "SELECT table_name, column_name FROM information_schema.columns "
                 "WHERE table_schema = :schema AND table_name = ANY(:views)"
             ),
-            {"schema": models.SCHEMA, "views": list(models.REPORTING_VIEWS)},
+            {"schema": schema.SCHEMA, "views": list(schema.REPORTING_VIEWS)},
         )
         columns: dict[str, list[str]] = {}
         for view, column in rows:
             columns.setdefault(view, []).append(column)
-    assert sorted(columns) == sorted(models.REPORTING_VIEWS)
+    assert sorted(columns) == sorted(schema.REPORTING_VIEWS)
     for view, names in columns.items():
-        section = readme_section(f"### `{models.SCHEMA}.{view}`")
+        section = readme_section(f"### `{schema.SCHEMA}.{view}`")
         missing = [name for name in names if f"`{name}`" not in section]
         assert not missing, f"README's {view} section lacks {missing}"
 

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import config, db, errors, logs, metrics, sync
 from syncd import simulator as sim
-from syncd.models import RunStatus
+from syncd.status import RunStatus
 from syncd.sync import sync_tenant
 from tests.fixtures.fault_helpers import (
     assert_history_sound,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from syncd import db, errors, models
+from syncd import db, errors, schema
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,14 +28,14 @@ async def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
         assert before.current is None and not before.at_head
         state = await db.migrate(engine)
         assert state.at_head
-        assert set(models.REPORTING_VIEWS) <= await _schema_objects(empty_db_url)
+        assert set(schema.REPORTING_VIEWS) <= await _schema_objects(empty_db_url)
         await db.downgrade(engine, "base")
         assert (await db.schema_state(engine)).current is None
         assert await _schema_objects(empty_db_url) == {"alembic_version"}
         assert (await db.migrate(engine)).at_head
         # Idempotent: a second upgrade is a no-op.
         assert (await db.migrate(engine)).at_head
-        assert set(models.REPORTING_VIEWS) <= await _schema_objects(empty_db_url)
+        assert set(schema.REPORTING_VIEWS) <= await _schema_objects(empty_db_url)
 
 
 async def test_schema_check_names_syncd_migrate(empty_db_url: str) -> None:

@@ -24,7 +24,7 @@ import structlog
 import trustme
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import config, db, errors, logs, models, ops
+from syncd import config, db, errors, logs, ops, schema
 from syncd import simulator as sim
 from syncd.sync import sync_tenant
 from tests.fixtures.fault_helpers import run_cli, write_config
@@ -408,7 +408,7 @@ async def test_grant_reader_allows_the_views_and_nothing_else(
         assert "GRANT SELECT ON" in capsys.readouterr().out
 
         assert await reader.fetchval("SELECT count(*) FROM syncd.job_links_current") == 300
-        for view in models.REPORTING_VIEWS:
+        for view in schema.REPORTING_VIEWS:
             await reader.fetch(f"SELECT * FROM syncd.{view} LIMIT 5")
         for table in ("links", "tenants", "runs", "schedule"):
             with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import db, models
+from syncd import db, schema
 from tests.fixtures.helpers import fetch_all
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,4 +81,4 @@ async def _assert_views_exist(engine: AsyncEngine) -> None:
         engine,
         "SELECT table_name::text FROM information_schema.views WHERE table_schema = 'syncd'",
     )
-    assert {row[0] for row in views} == set(models.REPORTING_VIEWS)
+    assert {row[0] for row in views} == set(schema.REPORTING_VIEWS)

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from syncd import db, store
 from syncd import simulator as sim
-from syncd.models import RunStatus
+from syncd.status import RunStatus
 from syncd.sync import sync_tenant
 from tests.fixtures.helpers import tenant_for
 

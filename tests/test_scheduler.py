@@ -13,7 +13,7 @@ import pytest
 from pydantic import SecretStr
 
 from syncd import claims, config, daemon, metrics, scheduler, status
-from syncd.models import RunStatus
+from syncd.status import RunStatus
 from syncd.sync import SyncResult
 
 

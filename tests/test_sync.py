@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from syncd import config, db, models, sync
+from syncd import config, db, schema, status, sync
 from syncd import simulator as sim
 from syncd.sync import SyncResult, sync_tenant
 from tests.fixtures.fault_helpers import pairs_outside
@@ -459,7 +459,7 @@ VIEW_COLUMNS = {
 
 
 async def test_reporting_views_have_the_contract_columns(engine: AsyncEngine) -> None:
-    assert set(VIEW_COLUMNS) == set(models.REPORTING_VIEWS)
+    assert set(VIEW_COLUMNS) == set(schema.REPORTING_VIEWS)
     for view, columns in VIEW_COLUMNS.items():
         found = await fetch_all(
             engine,
@@ -481,7 +481,7 @@ async def test_tenants_of_one_server_share_its_connections(
     ]
     assert len(tenants) >= 3
     results = await sync.sync_tenants(tenants, sync_engine, max_concurrent_tenants=1)
-    assert {result.status for result in results} == {models.RunStatus.SUCCEEDED}
+    assert {result.status for result in results} == {status.RunStatus.SUCCEEDED}
     peers = {record.peer for record in sim_state.request_log}
     assert None not in peers
     assert len(sim_state.request_log) > 3 * len(peers)
