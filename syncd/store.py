@@ -215,7 +215,11 @@ async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, re
     """Records a new `running` run of `replica` (this process's `[daemon] replica_name`),
     marks `failed` the runs of the tenant left `running` by a process that died (the caller
     holds the tenant's lock, so none of them is alive), and reads what the run needs to
-    know of the tenant's past: one statement."""
+    know of the tenant's past: one statement.
+
+    The confirmed snapshots come back as JSON, not as an array of rows: the driver would
+    look up an anonymous row type's layout on every new connection (three more round trips
+    and a costly catalog query), and `syncd sync` opens its connections as it starts."""
     row = (
         await connection.execute(
             _sql(
@@ -235,7 +239,8 @@ async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, re
                 SELECT run.id, run.started_at,
                        (SELECT unavailable_collections FROM syncd.tenants
                          WHERE id = :tenant_id),
-                       (SELECT array_agg(ROW(collection, total, page_size, items, digests))
+                       (SELECT jsonb_agg(jsonb_build_array(collection, total, page_size,
+                                                           items, encode(digests, 'hex')))
                           FROM syncd.confirmed_snapshots WHERE tenant_id = :tenant_id),
                        (SELECT count(*) FROM abandoned)
                   FROM run
@@ -258,7 +263,7 @@ async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, re
         started_at=row[1],
         unavailable_before=tuple(row[2] or ()),
         confirmed={
-            name: ConfirmedSnapshot(SnapshotKey(total, page_size, bytes(digests)), items)
+            name: ConfirmedSnapshot(SnapshotKey(total, page_size, bytes.fromhex(digests)), items)
             for name, total, page_size, items, digests in row[3] or ()
         },
         abandoned=int(row[4]),
@@ -722,10 +727,10 @@ async def save_confirmed(
 ) -> None:
     """Records the snapshots `confirm`ed by this run (complete and fully applied) and
     forgets those of the collections in `forget` (applied otherwise): one statement, in the
-    transaction that applies them."""
+    transaction that applies them. The snapshots go as one JSON parameter, not as arrays of
+    numbers and bytes, for the reason `start_run` reads them as JSON."""
     if not confirm and not forget:
         return
-    names = list(confirm)
     await connection.execute(
         _sql(
             """
@@ -736,11 +741,11 @@ async def save_confirmed(
             )
             INSERT INTO syncd.confirmed_snapshots
                    (tenant_id, collection, total, page_size, digests, items, run_id)
-            SELECT :tenant_id, c.collection, c.total, c.page_size, c.digests, c.items, :run_id
-              FROM unnest(CAST(:names AS text[]), CAST(:totals AS bigint[]),
-                          CAST(:page_sizes AS integer[]), CAST(:digests AS bytea[]),
-                          CAST(:items AS bigint[]))
-                   AS c(collection, total, page_size, digests, items)
+            SELECT :tenant_id, c.collection, c.total, c.page_size, decode(c.digests, 'hex'),
+                   c.items, :run_id
+              FROM jsonb_to_recordset(CAST(:confirm AS jsonb))
+                   AS c(collection text, total bigint, page_size integer, digests text,
+                        items bigint)
             ON CONFLICT (tenant_id, collection) DO UPDATE
                SET total = EXCLUDED.total, page_size = EXCLUDED.page_size,
                    digests = EXCLUDED.digests, items = EXCLUDED.items,
@@ -751,11 +756,18 @@ async def save_confirmed(
             "tenant_id": run.tenant_id,
             "run_id": run.id,
             "forget": list(forget),
-            "names": names,
-            "totals": [confirm[name].key.total for name in names],
-            "page_sizes": [confirm[name].key.page_size for name in names],
-            "digests": [confirm[name].key.digests for name in names],
-            "items": [confirm[name].items for name in names],
+            "confirm": orjson.dumps(
+                [
+                    {
+                        "collection": name,
+                        "total": snapshot.key.total,
+                        "page_size": snapshot.key.page_size,
+                        "digests": snapshot.key.digests.hex(),
+                        "items": snapshot.items,
+                    }
+                    for name, snapshot in confirm.items()
+                ]
+            ).decode(),
         },
     )
 
