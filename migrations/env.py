@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from syncd import models
 from syncd.config import normalize_database_url
+from syncd.schema import SCHEMA
 
 config = context.config
 target_metadata = models.metadata
@@ -25,7 +26,7 @@ def include_object(
 ) -> bool:
     # Only syncd's own schema is ours to compare.
     schema = getattr(obj, "schema", None)
-    return type_ != "table" or schema == models.SCHEMA
+    return type_ != "table" or schema == SCHEMA
 
 
 def do_run_migrations(connection: Connection) -> None:
@@ -34,10 +35,10 @@ def do_run_migrations(connection: Connection) -> None:
         target_metadata=target_metadata,
         include_schemas=True,
         include_object=include_object,
-        version_table_schema=models.SCHEMA,
+        version_table_schema=SCHEMA,
         compare_type=True,
     )
-    connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {models.SCHEMA}")
+    connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
     with context.begin_transaction():
         context.run_migrations()
 

@@ -10,9 +10,10 @@ organizations: see `collections.py`) as versions: descriptive fields in `attribu
 row when they change; volatile fields in `volatile`, updated in place when they change. A new
 catalog collection is a spec and a migration adding its views, not a new table.
 
-Alembic's environment and the tests read these definitions; the commands never import this
-module (building the ORM's classes is a few percent of a command's start-up): the names they
-need are in `schema`, the run statuses in `status`.
+Alembic's environment, the tests and the benchmarks read these definitions. `sync`, `check`,
+`status` and the daemon never import this module (building the ORM's classes is a few percent
+of their start-up; `migrate` and `demo` load it through Alembic): the names they need are in
+`schema`, the run statuses in `status`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The database's public names: syncd's schema and the reporting views in it.
 
 Reporting tools and `syncd grant-reader` depend on these names; the table definitions behind
-them are in `models`, which only Alembic and the tests import.
+them are in `models`, which only Alembic, the tests and the benchmarks import.
 """
 
 SCHEMA = "syncd"

@@ -1,4 +1,5 @@
-"""A tenant's status: the one model behind `syncd status`, `/status` and the gauges.
+"""Run and tenant statuses: `RunStatus`, the one list of how a run stands or ended, and
+`TenantStatus`, the one model behind `syncd status`, `/status` and the gauges.
 
 `syncd status` fills it from the database (`store.read_tenant_status`); the daemon fills
 the same type from what its scheduler knows (its own runs, and every replica's as read from

@@ -218,8 +218,8 @@ async def start_run(connection: AsyncConnection, tenant_id: int, tenant: str, re
     know of the tenant's past: one statement.
 
     The confirmed snapshots come back as JSON, not as an array of rows: the driver would
-    look up an anonymous row type's layout on every new connection (three more round trips
-    and a costly catalog query), and `syncd sync` opens its connections as it starts."""
+    look up an anonymous row type's layout on every new connection (up to three round trips,
+    one of them a costly catalog query), and `syncd sync` opens its connections as it starts."""
     row = (
         await connection.execute(
             _sql(

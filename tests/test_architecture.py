@@ -117,7 +117,7 @@ def test_the_cli_alone_imports_no_command_stack() -> None:
     assert _imported_by("syncd.cli", among=NOT_FOR_THE_CLI) == []
 
 
-def test_one_shot_commands_import_neither_alembic_nor_the_daemon() -> None:
+def test_one_shot_commands_import_only_what_they_run() -> None:
     # What `syncd sync` (and check, status, grant-reader) loads: the CLI, logging and the
     # config, then syncd.ops; the schema check compares with db.HEAD_REVISION instead of
     # reading Alembic's scripts.
