@@ -281,9 +281,13 @@ async def _parse_only(spec: PhaseSpec) -> dict[str, Any]:
 
 
 async def _sync(cfg: config.Config) -> dict[str, Any]:
-    async with db.open_configured_engine(cfg, None) as engine:
+    # As `syncd sync` opens and runs them.
+    async with db.open_configured_engine(cfg, None, synchronous_commit=False) as engine:
         results = await sync.sync_tenants(
-            cfg.tenants, engine, max_concurrent_tenants=cfg.daemon.max_concurrent_tenants
+            cfg.tenants,
+            engine,
+            max_concurrent_tenants=cfg.daemon.max_concurrent_tenants,
+            max_concurrent_applies=cfg.database.max_concurrent_applies,
         )
     statuses: dict[str, int] = {}
     for result in results:

@@ -87,16 +87,21 @@ async def sync_with_progress(
     replica: claims.Replica | None = None,
 ) -> list[sync.SyncResult]:
     """`sync.sync_tenants` with progress bars on a terminal, plain log lines otherwise."""
-    if not console.is_terminal:
+
+    async def sync_all(progress: sync.ProgressSink | None) -> list[sync.SyncResult]:
         return await sync.sync_tenants(
             tenants,
             engine,
             max_concurrent_tenants=max_concurrent_tenants,
             max_concurrent_applies=max_concurrent_applies,
             allow_mass_delete=allow_mass_delete,
+            progress=progress,
             scrubber=scrubber,
             replica=replica,
         )
+
+    if not console.is_terminal:
+        return await sync_all(None)
     # Only a terminal shows progress bars: a cron job's output does not pay for them.
     from rich.progress import (
         BarColumn,
@@ -113,16 +118,7 @@ async def sync_with_progress(
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=True) as bar:
-        return await sync.sync_tenants(
-            tenants,
-            engine,
-            max_concurrent_tenants=max_concurrent_tenants,
-            max_concurrent_applies=max_concurrent_applies,
-            allow_mass_delete=allow_mass_delete,
-            progress=RichProgress(bar),
-            scrubber=scrubber,
-            replica=replica,
-        )
+        return await sync_all(RichProgress(bar))
 
 
 def status_style(status: RunStatus | str | None) -> str:

@@ -274,7 +274,9 @@ async def _run(
         )
         async with embedded.running(data_dir) as server_url:
             demo_url = await recreate_database(server_url, DEMO_DATABASE)
-            async with db.open_engine(demo_url, pool_size=DEMO_TENANTS + 2) as engine:
+            async with db.open_engine(
+                demo_url, pool_size=DEMO_TENANTS + 2, synchronous_commit=False
+            ) as engine:
                 await db.migrate(engine)
                 out.rule("Step 1 of 3: first sync (initial load)")
                 first = await _sync_round(out, cfg, engine)

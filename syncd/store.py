@@ -352,16 +352,12 @@ async def prepare_apply(connection: AsyncConnection) -> None:
       database forget every confirmed snapshot (migration 0007's triggers).
     - JIT off: a big tenant's diff costs enough to trigger JIT compilation, which only adds
       time to statements of hash joins and plain comparisons.
-    - The commit does not wait for the WAL flush (`synchronous_commit = off`, for this
-      transaction only): the transaction holds the data and the run's own record together,
-      so a database crash in the next few hundred milliseconds loses both, never one
-      without the other, and the next run syncs again what was lost.
+
+    Whether its commit waits for the WAL flush is the engine's choice (`db.open_engine`'s
+    `synchronous_commit`), as for the run's other commits.
     """
     await connection.execute(
-        _sql(
-            "SELECT set_config('syncd.applying', 'on', true), set_config('jit', 'off', true), "
-            "set_config('synchronous_commit', 'off', true)"
-        )
+        _sql("SELECT set_config('syncd.applying', 'on', true), set_config('jit', 'off', true)")
     )
 
 
